@@ -1,0 +1,369 @@
+//! The kernel/user ABI of Lumen's eBPF datapath, shared byte for byte by the TC programs
+//! (`lumen-datapath`) and user space (`lumen-node-exporter`).
+//!
+//! Rules for everything here: `#[repr(C)]`, fixed-width integers, explicit padding, no
+//! `bool`, sizes asserted at compile time. Events start with a versioned [`EventHeader`];
+//! a user-space decoder checks version, kind and length before reading a record.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Version of the event ABI. Bump on any change to a record's layout or meaning.
+pub const ABI_VERSION: u16 = 1;
+
+/// Map names, as the eBPF object declares them and user space looks them up.
+pub mod map_names {
+    pub const EVENTS: &str = "EVENTS";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+}
+
+/// Program names in the eBPF object.
+pub mod program_names {
+    /// Attached to TC ingress of an endpoint's host-side interface: packets leaving the
+    /// endpoint (endpoint egress).
+    pub const FROM_ENDPOINT: &str = "lumen_from_endpoint";
+    /// Attached to TC egress of an endpoint's host-side interface: packets entering the
+    /// endpoint (endpoint ingress).
+    pub const TO_ENDPOINT: &str = "lumen_to_endpoint";
+    /// An empty program, the baseline of per-packet cost benchmarks (never attached).
+    pub const EMPTY: &str = "lumen_empty";
+}
+
+/// Default ring buffer size in bytes (power of two, multiple of the page size).
+pub const DEFAULT_RING_BYTES: u32 = 8 * 1024 * 1024;
+/// Default maximum number of conntrack entries (LRU).
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
+/// Maximum number of endpoints (interfaces) on one node.
+pub const MAX_ENDPOINTS: u32 = 16_384;
+
+/// Kinds of records in the ring buffer. Numeric values are stable.
+#[repr(u16)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Flow = 1,
+}
+
+impl EventKind {
+    pub fn from_u16(v: u16) -> Option<Self> {
+        match v {
+            1 => Some(Self::Flow),
+            _ => None,
+        }
+    }
+}
+
+/// Header of every ring buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// [`ABI_VERSION`] of the program that wrote the record.
+    pub version: u16,
+    /// An [`EventKind`].
+    pub kind: u16,
+    /// Length of the whole record in bytes, header included.
+    pub len: u32,
+}
+const _: () = assert!(size_of::<EventHeader>() == 8);
+
+/// Why a flow event was emitted (monitor aggregation). Stable numeric values.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowReason {
+    /// First packet of a connection (a new conntrack entry).
+    New = 1,
+    /// A TCP flag not seen before in this direction (SYN-ACK carries the handshake RTT).
+    TcpFlags = 2,
+    /// Periodic update of a long-lived flow.
+    Update = 3,
+    /// FIN/RST closed the connection; packets after the close report again so the last
+    /// close record of a connection carries its final counters.
+    Close = 4,
+    /// The packet was dropped.
+    Drop = 5,
+    /// Per-packet report (aggregation level [`AGGREGATION_NONE`]).
+    Packet = 6,
+}
+
+impl FlowReason {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::New),
+            2 => Some(Self::TcpFlags),
+            3 => Some(Self::Update),
+            4 => Some(Self::Close),
+            5 => Some(Self::Drop),
+            6 => Some(Self::Packet),
+            _ => None,
+        }
+    }
+}
+
+/// Verdict values in [`FlowEvent::verdict`] (Hubble's numbering).
+pub mod verdict {
+    pub const FORWARDED: u8 = 1;
+    pub const DROPPED: u8 = 2;
+    pub const AUDIT: u8 = 4;
+}
+
+/// Traffic direction relative to the endpoint (Hubble's numbering).
+pub mod direction {
+    pub const INGRESS: u8 = 1;
+    pub const EGRESS: u8 = 2;
+}
+
+/// Address family in [`FlowKey::family`].
+pub mod family {
+    pub const IPV4: u8 = 4;
+    pub const IPV6: u8 = 6;
+}
+
+/// TCP flag bits as on the wire (byte 13 of the TCP header).
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+    pub const URG: u8 = 0x20;
+    pub const ECE: u8 = 0x40;
+    pub const CWR: u8 = 0x80;
+}
+
+/// Bits of [`FlowEvent::flags`].
+pub mod flow_flags {
+    /// The packet travels in the reply direction of its connection.
+    pub const REPLY: u8 = 0x01;
+    /// Only L3 was parsed: a non-first fragment, an unknown L4 protocol, or a truncated header.
+    pub const L3_ONLY: u8 = 0x02;
+    /// The packet is an IP fragment (first or later).
+    pub const FRAGMENT: u8 = 0x04;
+    /// The conntrack entry could not be created (map update failed); counters are this packet only.
+    pub const NO_CONNTRACK: u8 = 0x08;
+}
+
+/// A connection's identity in conntrack, oriented as the first packet seen (the
+/// originator is `saddr`). IPv4 addresses are IPv4-mapped into 16 bytes (`::ffff:a.b.c.d`).
+/// Each endpoint keeps its own view (keyed by `ifindex`), as Cilium's per-endpoint conntrack.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Source port; for ICMP echo, the echo identifier; for other ICMP, type << 8 | code.
+    pub sport: u16,
+    /// Destination port; for ICMP echo, the echo identifier; 0 for other ICMP.
+    pub dport: u16,
+    /// IP protocol number (6 TCP, 17 UDP, 1 ICMP, 58 ICMPv6, anything else L3-only).
+    pub proto: u8,
+    /// [`family`] value.
+    pub family: u8,
+    pub _pad: [u8; 2],
+    /// Host-side interface of the endpoint that observed the connection.
+    pub ifindex: u32,
+}
+const _: () = assert!(size_of::<FlowKey>() == 44);
+
+/// Conntrack state of one connection (value of the LRU hash `CONNTRACK`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackEntry {
+    /// CLOCK_MONOTONIC ns (bpf_ktime_get_ns) of the first packet.
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    /// When an event for this entry was last emitted (aggregation clock).
+    pub last_report_ns: u64,
+    /// Time of the originator's SYN (0 if none seen).
+    pub syn_ns: u64,
+    /// SYN to SYN-ACK as seen at this interface; 0 until measured.
+    pub handshake_rtt_ns: u64,
+    pub orig_packets: u64,
+    pub orig_bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    /// Random per-connection id (for correlating a connection's events).
+    pub flow_id: u64,
+    /// TCP flags seen: the originator's in bits 0-7, the responder's in bits 8-15 (one
+    /// word so the datapath can update it with an atomic fetch-or; 64-bit because BPF
+    /// atomics with fetch need 64-bit operands on the generic CPU).
+    pub tcp_flags_seen: u64,
+    /// [`direction`] of the originating packet relative to the endpoint.
+    pub direction: u8,
+    /// Non-zero once FIN from both sides or an RST was seen.
+    pub closed: u8,
+    /// Cached [`verdict`] for the connection (policy: next step).
+    pub verdict: u8,
+    pub drop_reason: u8,
+    /// Policy rule that decided the verdict (0 = none).
+    pub policy_rule_id: u32,
+    /// Policy generation the cached verdict was computed under.
+    pub policy_generation: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<ConntrackEntry>() == 104);
+
+/// A flow record in the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub header: EventHeader,
+    /// CLOCK_MONOTONIC ns of the packet that triggered the event.
+    pub ts_ns: u64,
+    pub first_seen_ns: u64,
+    pub key: FlowKey,
+    pub _pad0: u32,
+    pub orig_packets: u64,
+    pub orig_bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    pub handshake_rtt_ns: u64,
+    pub flow_id: u64,
+    /// skb->len of the triggering packet at the hook (L2 frame length).
+    pub packet_len: u32,
+    /// Endpoint id from the endpoints map (0 if the interface is unknown to it).
+    pub endpoint_id: u32,
+    /// Identities of source and destination of *this packet* (0 = unknown; policy: next step).
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub policy_rule_id: u32,
+    /// A [`FlowReason`].
+    pub reason: u8,
+    /// A [`verdict`] value.
+    pub verdict: u8,
+    pub drop_reason: u8,
+    /// [`direction`] of the connection relative to the endpoint.
+    pub direction: u8,
+    /// [`flow_flags`] bits.
+    pub flags: u8,
+    /// TCP flags of this packet.
+    pub tcp_flags: u8,
+    pub orig_tcp_flags: u8,
+    pub reply_tcp_flags: u8,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    /// Which hook saw the packet: 1 = TC ingress of the host-side interface, 2 = TC egress.
+    pub hook: u8,
+    pub _pad: [u8; 1],
+}
+const _: () = assert!(size_of::<FlowEvent>() == 152);
+
+/// Hook values in [`FlowEvent::hook`].
+pub mod hook {
+    pub const TC_INGRESS: u8 = 1;
+    pub const TC_EGRESS: u8 = 2;
+}
+
+/// Indexes into the per-CPU `COUNTERS` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Packets the programs ran on.
+    PacketsSeen = 0,
+    /// Events the aggregation decided to emit.
+    EventsAttempted = 1,
+    /// Events written into the ring buffer.
+    EventsEmitted = 2,
+    /// Ring buffer reservations that failed: events lost in the kernel.
+    RingReserveFailed = 3,
+    /// Conntrack entries created.
+    ConntrackCreated = 4,
+    /// Conntrack inserts that failed.
+    ConntrackInsertFailed = 5,
+    /// Packets that were not IPv4/IPv6 (ARP, ...): counted, not reported.
+    NonIpPackets = 6,
+    /// Packets whose headers could not be read.
+    ParseErrors = 7,
+    /// Bytes seen (skb->len at the hook).
+    BytesSeen = 8,
+    /// Gauge, not a counter: bytes pending in the ring when this CPU last submitted
+    /// (user space reports the maximum over CPUs as the ring's fill).
+    RingPendingBytes = 9,
+}
+
+/// Number of slots in `COUNTERS`.
+pub const COUNTER_SLOTS: u32 = 16;
+
+/// Every counter, in slot order, for user space to iterate.
+pub const ALL_COUNTERS: [Counter; 10] = [
+    Counter::PacketsSeen,
+    Counter::EventsAttempted,
+    Counter::EventsEmitted,
+    Counter::RingReserveFailed,
+    Counter::ConntrackCreated,
+    Counter::ConntrackInsertFailed,
+    Counter::NonIpPackets,
+    Counter::ParseErrors,
+    Counter::BytesSeen,
+    Counter::RingPendingBytes,
+];
+
+/// Monitor aggregation levels in [`DatapathConfig::aggregation`].
+pub const AGGREGATION_NONE: u32 = 0;
+/// Default: events on new flow, TCP flag change, close, drop, periodic update.
+pub const AGGREGATION_FLOWS: u32 = 1;
+
+/// The one entry of the `CONFIG` array, written by user space.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// [`AGGREGATION_NONE`] (every packet) or [`AGGREGATION_FLOWS`].
+    pub aggregation: u32,
+    /// Non-zero once user space has written the config (the programs use defaults before).
+    pub initialized: u32,
+    /// Interval of periodic updates for long-lived flows, ns.
+    pub report_interval_ns: u64,
+    /// Force a consumer wakeup when the ring holds at least this many bytes; below it,
+    /// records are submitted with BPF_RB_NO_WAKEUP and the reader drains on a timer.
+    pub wakeup_watermark_bytes: u64,
+}
+const _: () = assert!(size_of::<DatapathConfig>() == 24);
+
+impl DatapathConfig {
+    pub const DEFAULT: Self = Self {
+        aggregation: AGGREGATION_FLOWS,
+        initialized: 1,
+        report_interval_ns: 5_000_000_000,
+        wakeup_watermark_bytes: 256 * 1024,
+    };
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// Policy enforcement modes of an endpoint direction.
+pub mod enforcement {
+    pub const OFF: u8 = 0;
+    pub const ENFORCE: u8 = 1;
+    pub const AUDIT: u8 = 2;
+}
+
+/// Value of the `ENDPOINTS` hash (key: ifindex u32).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointValue {
+    pub endpoint_id: u32,
+    pub identity: u32,
+    /// [`enforcement`] mode for traffic entering the endpoint.
+    pub ingress_mode: u8,
+    /// [`enforcement`] mode for traffic leaving the endpoint.
+    pub egress_mode: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<EndpointValue>() == 16);
+
+#[cfg(feature = "user")]
+mod user {
+    #![allow(unsafe_code)]
+    // SAFETY: all types are repr(C), made of integers and byte arrays with explicit
+    // padding, so every bit pattern is valid and there are no implicit padding bytes.
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::ConntrackEntry {}
+    unsafe impl aya::Pod for super::FlowEvent {}
+    unsafe impl aya::Pod for super::DatapathConfig {}
+    unsafe impl aya::Pod for super::EndpointValue {}
+}

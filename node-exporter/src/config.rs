@@ -1,0 +1,272 @@
+//! Node exporter configuration: one serde struct (file), environment overrides with the
+//! `LUMEN_NODE_EXPORTER_` prefix read through [`Environment`] so tests inject a map.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+use crate::store::STORED_FLOW_BYTES;
+
+/// Monitor aggregation level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Aggregation {
+    /// Events on new flow, TCP flag change, close, drop and periodic updates (default).
+    Flows,
+    /// One event per packet (debugging; costly).
+    Packets,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Name of this node in flows, ServerStatus and GetNodes.
+    pub node_name: String,
+    /// Observer gRPC listen address.
+    pub listen_address: SocketAddr,
+    /// Prometheus /metrics listen address; None disables it.
+    pub metrics_address: Option<SocketAddr>,
+    /// Interface name patterns to attach to (`*` and `?` globs).
+    pub interfaces: Vec<String>,
+    /// Also attach to every interface named by a local endpoint in the endpoints file.
+    pub attach_endpoint_interfaces: bool,
+    /// Endpoint metadata file (watched).
+    pub endpoints_file: Option<PathBuf>,
+    /// Flows kept in memory.
+    pub flow_ring_capacity: usize,
+    /// BPF ring buffer size in bytes (power of two, multiple of 4096).
+    pub ring_buffer_bytes: u32,
+    /// Conntrack (LRU) entries.
+    pub conntrack_entries: u32,
+    pub aggregation: Aggregation,
+    /// Periodic update interval for long-lived flows.
+    #[serde(with = "humantime_serde")]
+    pub report_interval: Duration,
+    /// The ring buffer is drained at least this often (records are submitted without a
+    /// wakeup below the watermark).
+    #[serde(with = "humantime_serde")]
+    pub drain_interval: Duration,
+    /// Bytes pending in the ring that force an immediate wakeup of the reader.
+    pub wakeup_watermark_bytes: u64,
+    /// Decoded events waiting for enrichment (in batches); full queue drops newest, counted.
+    pub event_queue_batches: usize,
+    /// New flows buffered per following client before it is told it lost some.
+    pub follow_queue: usize,
+    /// How often the endpoints file is checked for changes.
+    #[serde(with = "humantime_serde")]
+    pub endpoints_poll_interval: Duration,
+    /// Grace period for draining on shutdown.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            // The host name, as Hubble names nodes.
+            node_name: hostname(),
+            // Hubble's default port; loopback only unless configured.
+            listen_address: SocketAddr::from(([127, 0, 0, 1], 4244)),
+            // Hubble's metrics port.
+            metrics_address: Some(SocketAddr::from(([127, 0, 0, 1], 9965))),
+            interfaces: Vec::new(),
+            attach_endpoint_interfaces: true,
+            endpoints_file: None,
+            // About 32 MiB of flows.
+            flow_ring_capacity: (32 << 20) / STORED_FLOW_BYTES,
+            // 8 MiB holds ~55k events: several seconds of bursts at the drain interval.
+            ring_buffer_bytes: lumen_datapath_common::DEFAULT_RING_BYTES,
+            conntrack_entries: lumen_datapath_common::DEFAULT_CONNTRACK_ENTRIES,
+            aggregation: Aggregation::Flows,
+            // Cilium's monitor reports long flows about every 5 s by default.
+            report_interval: Duration::from_secs(5),
+            // Bounded latency for low-rate flows without a wakeup per event.
+            drain_interval: Duration::from_millis(20),
+            // A quarter of the default ring: wake the reader well before it fills.
+            wakeup_watermark_bytes: 2 << 20,
+            event_queue_batches: 1024,
+            follow_queue: 65_536,
+            endpoints_poll_interval: Duration::from_millis(250),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Where environment overrides come from (the process environment, or a map in tests).
+pub trait Environment {
+    fn var(&self, key: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl Environment for ProcessEnv {
+    fn var(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok()
+    }
+}
+
+impl Environment for std::collections::HashMap<String, String> {
+    fn var(&self, key: &str) -> Option<String> {
+        self.get(key).cloned()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("environment variable {key}={value:?}: {problem}")]
+    Env {
+        key: String,
+        value: String,
+        problem: String,
+    },
+    #[error("{field} = {value}: {problem}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        problem: &'static str,
+    },
+}
+
+pub const ENV_PREFIX: &str = "LUMEN_NODE_EXPORTER_";
+
+impl Config {
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    /// Apply `LUMEN_NODE_EXPORTER_<FIELD>` overrides.
+    pub fn apply_env(&mut self, env: &dyn Environment) -> Result<(), ConfigError> {
+        fn parse<T: std::str::FromStr>(key: &str, v: String) -> Result<T, ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            v.parse().map_err(|e: T::Err| ConfigError::Env {
+                key: key.to_owned(),
+                value: v.clone(),
+                problem: e.to_string(),
+            })
+        }
+        let key = |k: &str| format!("{ENV_PREFIX}{k}");
+        if let Some(v) = env.var(&key("NODE_NAME")) {
+            self.node_name = v;
+        }
+        if let Some(v) = env.var(&key("LISTEN_ADDRESS")) {
+            self.listen_address = parse(&key("LISTEN_ADDRESS"), v)?;
+        }
+        if let Some(v) = env.var(&key("METRICS_ADDRESS")) {
+            self.metrics_address = if v.is_empty() {
+                None
+            } else {
+                Some(parse(&key("METRICS_ADDRESS"), v)?)
+            };
+        }
+        if let Some(v) = env.var(&key("INTERFACES")) {
+            self.interfaces = v.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect();
+        }
+        if let Some(v) = env.var(&key("ENDPOINTS_FILE")) {
+            self.endpoints_file = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env.var(&key("FLOW_RING_CAPACITY")) {
+            self.flow_ring_capacity = parse(&key("FLOW_RING_CAPACITY"), v)?;
+        }
+        if let Some(v) = env.var(&key("RING_BUFFER_BYTES")) {
+            self.ring_buffer_bytes = parse(&key("RING_BUFFER_BYTES"), v)?;
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let ring = self.ring_buffer_bytes;
+        if !ring.is_power_of_two() || ring % 4096 != 0 {
+            return Err(ConfigError::Invalid {
+                field: "ring_buffer_bytes",
+                value: ring.to_string(),
+                problem: "must be a power of two and a multiple of 4096",
+            });
+        }
+        if self.flow_ring_capacity == 0 {
+            return Err(ConfigError::Invalid {
+                field: "flow_ring_capacity",
+                value: "0".into(),
+                problem: "must be at least 1",
+            });
+        }
+        if self.conntrack_entries == 0 {
+            return Err(ConfigError::Invalid {
+                field: "conntrack_entries",
+                value: "0".into(),
+                problem: "must be at least 1",
+            });
+        }
+        if self.drain_interval.is_zero() {
+            return Err(ConfigError::Invalid {
+                field: "drain_interval",
+                value: "0s".into(),
+                problem: "must be positive",
+            });
+        }
+        Ok(())
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_and_errors_name_the_variable() {
+        let mut c = Config::default();
+        let mut env = std::collections::HashMap::new();
+        env.insert(format!("{ENV_PREFIX}NODE_NAME"), "n1".to_owned());
+        env.insert(format!("{ENV_PREFIX}INTERFACES"), "lxc*,eth1".to_owned());
+        c.apply_env(&env).expect("valid env");
+        assert_eq!(c.node_name, "n1");
+        assert_eq!(c.interfaces, vec!["lxc*", "eth1"]);
+        env.insert(format!("{ENV_PREFIX}LISTEN_ADDRESS"), "nope".to_owned());
+        let err = c.apply_env(&env).expect_err("bad address").to_string();
+        assert!(err.contains("LUMEN_NODE_EXPORTER_LISTEN_ADDRESS"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = serde_yaml::from_str::<Config>("node_name: a\nbogus: 1\n")
+            .expect_err("unknown field");
+        assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn default_ring_is_about_32_mib() {
+        let c = Config::default();
+        assert!(c.flow_ring_capacity * STORED_FLOW_BYTES <= 32 << 20);
+        assert!(c.flow_ring_capacity >= 200_000);
+        c.validate().expect("defaults are valid");
+    }
+}

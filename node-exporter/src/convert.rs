@@ -1,0 +1,199 @@
+//! Stored flows to the wire model (`flow.Flow`), Hubble-compatible fields plus Lumen's
+//! 5000-range extensions.
+
+use lumen_datapath_common::{direction, flow_flags, hook, FlowReason};
+use lumen_proto::flow::{
+    self, layer4::Protocol, Endpoint, Flow, FlowCounters, IcmPv4, IcmPv6, Ip, Layer4,
+    NetworkInterface, Tcp, TcpFlags, Udp,
+};
+
+use crate::{metadata::EndpointRef, pipeline::ip_of, store::StoredFlow};
+
+/// Hubble's monitor event type for trace events (CiliumEventType.type), and the
+/// observation-point sub types Lumen's two hooks correspond to.
+pub const MONITOR_TYPE_TRACE: i32 = 4;
+pub const MONITOR_TYPE_DROP: i32 = 1;
+/// Trace sub type "to-endpoint" (Cilium TRACE_TO_LXC).
+pub const TRACE_TO_LXC: i32 = 0;
+/// Trace sub type "from-endpoint" (Cilium TRACE_FROM_LXC).
+pub const TRACE_FROM_LXC: i32 = 5;
+
+/// Static context of a conversion: this node's name and interface names.
+pub struct ConvertContext<'a> {
+    pub node_name: &'a str,
+    pub interface_name: &'a dyn Fn(u32) -> Option<String>,
+}
+
+pub fn timestamp(ns: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ns.div_euclid(1_000_000_000),
+        nanos: ns.rem_euclid(1_000_000_000) as i32,
+    }
+}
+
+pub fn duration(ns: i64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: ns.div_euclid(1_000_000_000),
+        nanos: ns.rem_euclid(1_000_000_000) as i32,
+    }
+}
+
+pub fn tcp_flags(bits: u8) -> TcpFlags {
+    TcpFlags {
+        fin: bits & 0x01 != 0,
+        syn: bits & 0x02 != 0,
+        rst: bits & 0x04 != 0,
+        psh: bits & 0x08 != 0,
+        ack: bits & 0x10 != 0,
+        urg: bits & 0x20 != 0,
+        ece: bits & 0x40 != 0,
+        cwr: bits & 0x80 != 0,
+        ns: false,
+    }
+}
+
+fn endpoint(ep: &Option<EndpointRef>, local_id: u32) -> Option<Endpoint> {
+    let ep = ep.as_ref()?;
+    Some(Endpoint {
+        id: local_id,
+        identity: ep.identity.0,
+        namespace: ep.namespace.clone().unwrap_or_default(),
+        labels: ep.labels.iter().map(|l| l.to_string()).collect(),
+        pod_name: if ep.is_world() { String::new() } else { ep.pod.clone() },
+        workloads: ep
+            .workload
+            .iter()
+            .map(|w| flow::Workload {
+                name: w.name.clone(),
+                kind: w.kind.clone(),
+            })
+            .collect(),
+        ..Default::default()
+    })
+}
+
+/// Convert one stored flow.
+pub fn to_flow(f: &StoredFlow, ctx: &ConvertContext<'_>) -> Flow {
+    let src_ip = ip_of(f.family, &f.src);
+    let dst_ip = ip_of(f.family, &f.dst);
+    let reply = f.flags & flow_flags::REPLY != 0;
+    let l3_only = f.flags & flow_flags::L3_ONLY != 0;
+    // The packet crossed TC ingress of the host-side interface: it left the endpoint.
+    let from_endpoint = f.hook_is_ingress();
+    let (src_id, dst_id) = if from_endpoint { (f.ifindex, 0) } else { (0, f.ifindex) };
+    let l4 = if l3_only && !matches!(f.proto, 1 | 58) {
+        None
+    } else {
+        match f.proto {
+            6 => Some(Protocol::Tcp(Tcp {
+                source_port: u32::from(f.sport),
+                destination_port: u32::from(f.dport),
+                flags: Some(tcp_flags(f.tcp_flags)),
+            })),
+            17 => Some(Protocol::Udp(Udp {
+                source_port: u32::from(f.sport),
+                destination_port: u32::from(f.dport),
+            })),
+            1 => Some(Protocol::IcmPv4(IcmPv4 {
+                r#type: u32::from(f.icmp_type),
+                code: u32::from(f.icmp_code),
+            })),
+            58 => Some(Protocol::IcmPv6(IcmPv6 {
+                r#type: u32::from(f.icmp_type),
+                code: u32::from(f.icmp_code),
+            })),
+            _ => None,
+        }
+    };
+    let kind = match FlowReason::from_u8(f.reason) {
+        Some(FlowReason::New) => flow::LumenEventKind::FlowNew,
+        Some(FlowReason::TcpFlags) => flow::LumenEventKind::FlowTcpFlags,
+        Some(FlowReason::Update) => flow::LumenEventKind::FlowUpdate,
+        Some(FlowReason::Close) => flow::LumenEventKind::FlowClose,
+        Some(FlowReason::Drop) => flow::LumenEventKind::FlowDrop,
+        Some(FlowReason::Packet) => flow::LumenEventKind::PacketTrace,
+        None => flow::LumenEventKind::Unspecified,
+    };
+    let dropped = f.verdict == lumen_datapath_common::verdict::DROPPED;
+    Flow {
+        time: Some(timestamp(f.time_ns)),
+        uuid: format!("{:016x}-{:x}", f.flow_id, f.time_ns),
+        verdict: i32::from(f.verdict),
+        drop_reason: if dropped { u32::from(f.drop_reason) } else { 0 },
+        drop_reason_desc: if dropped { i32::from(f.drop_reason) } else { 0 },
+        ip: Some(Ip {
+            source: src_ip.to_string(),
+            destination: dst_ip.to_string(),
+            ip_version: if src_ip.is_ipv4() {
+                flow::IpVersion::IPv4 as i32
+            } else {
+                flow::IpVersion::IPv6 as i32
+            },
+            encrypted: false,
+        }),
+        l4: l4.map(|p| Layer4 { protocol: Some(p) }),
+        source: endpoint(&f.src_endpoint, src_id),
+        destination: endpoint(&f.dst_endpoint, dst_id),
+        r#type: flow::FlowType::L3L4 as i32,
+        node_name: ctx.node_name.to_owned(),
+        event_type: Some(flow::CiliumEventType {
+            r#type: if dropped { MONITOR_TYPE_DROP } else { MONITOR_TYPE_TRACE },
+            sub_type: if dropped {
+                i32::from(f.drop_reason)
+            } else if from_endpoint {
+                TRACE_FROM_LXC
+            } else {
+                TRACE_TO_LXC
+            },
+        }),
+        traffic_direction: match f.direction {
+            direction::INGRESS => flow::TrafficDirection::Ingress as i32,
+            direction::EGRESS => flow::TrafficDirection::Egress as i32,
+            _ => flow::TrafficDirection::Unknown as i32,
+        },
+        trace_observation_point: if dropped {
+            flow::TraceObservationPoint::UnknownPoint as i32
+        } else if from_endpoint {
+            flow::TraceObservationPoint::FromEndpoint as i32
+        } else {
+            flow::TraceObservationPoint::ToEndpoint as i32
+        },
+        is_reply: Some(reply),
+        interface: Some(NetworkInterface {
+            index: f.ifindex,
+            name: (ctx.interface_name)(f.ifindex).unwrap_or_default(),
+        }),
+        lumen_event_kind: kind as i32,
+        counters: Some(FlowCounters {
+            orig_packets: u64::from(f.orig_packets),
+            orig_bytes: f.orig_bytes,
+            reply_packets: u64::from(f.reply_packets),
+            reply_bytes: f.reply_bytes,
+        }),
+        handshake_rtt: (f.handshake_rtt_ns != 0).then(|| duration(i64::from(f.handshake_rtt_ns))),
+        flow_duration: Some(duration(f.time_ns.saturating_sub(f.first_seen_ns).max(0))),
+        flow_id: f.flow_id,
+        first_seen: Some(timestamp(f.first_seen_ns)),
+        tcp_flags_seen: (f.proto == 6).then(|| tcp_flags(f.orig_tcp_flags | f.reply_tcp_flags)),
+        packet_length: f.packet_len,
+        ..Default::default()
+    }
+}
+
+impl StoredFlow {
+    /// Whether the packet was seen at TC ingress of the host-side interface (leaving the
+    /// endpoint). Derived from the connection direction and the reply flag.
+    pub fn hook_is_ingress(&self) -> bool {
+        let reply = self.flags & flow_flags::REPLY != 0;
+        (self.direction == direction::EGRESS) != reply
+    }
+}
+
+/// The hook value for a stored flow (for tests and diagnostics).
+pub fn hook_of(f: &StoredFlow) -> u8 {
+    if f.hook_is_ingress() {
+        hook::TC_INGRESS
+    } else {
+        hook::TC_EGRESS
+    }
+}

@@ -1,0 +1,319 @@
+//! Lumen's node exporter: loads the eBPF datapath and attaches it to endpoint interfaces
+//! (following them as they come and go), reads flow events from the BPF ring buffer,
+//! decodes and enriches them with endpoint metadata, keeps the last flows in a ring, and
+//! serves them over the Hubble-compatible Observer gRPC API and Prometheus `/metrics`.
+//!
+//! Tasks and queues (see docs/architecture.md):
+//! `ring_reader` ─(bounded batches, drop-newest + counted)─► `enricher` ─► flow ring ─►
+//! Observer clients (broadcast; a slow follower gets LostEvent records).
+
+pub mod capabilities;
+pub mod clock;
+pub mod config;
+pub mod convert;
+pub mod datapath;
+pub mod decode;
+pub mod interfaces;
+pub mod metadata;
+pub mod metrics;
+pub mod observer;
+pub mod pipeline;
+pub mod store;
+pub mod test_run;
+
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use lumen_datapath_common::{enforcement, DatapathConfig, EndpointValue, AGGREGATION_FLOWS, AGGREGATION_NONE};
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::{
+    clock::ClockOffset,
+    config::{Aggregation, Config},
+    datapath::{Datapath, LoadOptions},
+    interfaces::InterfacePatterns,
+    metadata::{EndpointsWatcher, MetadataHandle, MetadataSnapshot},
+    metrics::Metrics,
+    store::FlowRing,
+};
+
+/// Version reported in ServerStatus and GetNodes.
+pub const VERSION: &str = concat!("lumen-node-exporter/", env!("CARGO_PKG_VERSION"));
+
+/// What the running exporter shares between its tasks and the Observer service.
+pub struct NodeState {
+    pub config: Config,
+    pub ring: Arc<FlowRing>,
+    pub metrics: Arc<Metrics>,
+    pub metadata: MetadataHandle,
+    pub started_ns: i64,
+    pub datapath: Arc<Mutex<Datapath>>,
+    /// Names of interfaces ever attached, by ifindex (flows outlive their interface).
+    pub ifnames: std::sync::RwLock<std::collections::HashMap<u32, String>>,
+}
+
+impl NodeState {
+    pub fn interface_names(&self) -> std::collections::HashMap<u32, String> {
+        self.ifnames.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+fn datapath_config(cfg: &Config) -> DatapathConfig {
+    DatapathConfig {
+        aggregation: match cfg.aggregation {
+            Aggregation::Flows => AGGREGATION_FLOWS,
+            Aggregation::Packets => AGGREGATION_NONE,
+        },
+        initialized: 1,
+        report_interval_ns: cfg.report_interval.as_nanos().min(u128::from(u64::MAX)) as u64,
+        wakeup_watermark_bytes: cfg.wakeup_watermark_bytes,
+    }
+}
+
+/// Run the exporter until `shutdown` resolves, then detach everything.
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    capabilities::check()?;
+    let mut dp = Datapath::load(LoadOptions {
+        ring_bytes: config.ring_buffer_bytes,
+        conntrack_entries: config.conntrack_entries,
+    })?;
+    dp.set_config(datapath_config(&config))?;
+    let events = dp.take_ring()?;
+    let datapath = Arc::new(Mutex::new(dp));
+
+    let metrics = Metrics::new();
+    metrics.ring_size.set(i64::from(config.ring_buffer_bytes));
+    metrics.flow_ring_capacity.set(config.flow_ring_capacity as i64);
+    let ring = FlowRing::new(config.flow_ring_capacity, config.follow_queue);
+    let metadata = MetadataHandle::default();
+    let clock = Arc::new(ClockOffset::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let state = Arc::new(NodeState {
+        config: config.clone(),
+        ring: ring.clone(),
+        metrics: metrics.clone(),
+        metadata: metadata.clone(),
+        started_ns: clock::realtime_ns(),
+        datapath: datapath.clone(),
+        ifnames: Default::default(),
+    });
+
+    // Pipeline.
+    let (ev_tx, ev_rx) = mpsc::channel(config.event_queue_batches);
+    let reader = tokio::spawn(pipeline::run_reader(
+        events,
+        config.drain_interval,
+        ev_tx,
+        metrics.clone(),
+        stop_rx.clone(),
+    ));
+    let enricher = tokio::spawn(pipeline::run_enricher(
+        ev_rx,
+        metadata.clone(),
+        clock.clone(),
+        ring.clone(),
+        metrics.clone(),
+    ));
+
+    // Attachment: interfaces by pattern and local endpoints' interfaces.
+    let (kick_tx, mut kick_rx) = mpsc::channel::<()>(16);
+    tokio::spawn(interfaces::watch_links(kick_tx.clone(), Duration::from_millis(500)));
+    if let Some(path) = config.endpoints_file.clone() {
+        let watcher = EndpointsWatcher {
+            path,
+            poll: config.endpoints_poll_interval,
+            allocator: lumen_policy::IdentityAllocator::default(),
+        };
+        let kick = kick_tx.clone();
+        tokio::spawn(watcher.run(
+            metadata.clone(),
+            metrics.clone(),
+            move |_snap| {
+                let _ = kick.try_send(());
+            },
+            stop_rx.clone(),
+        ));
+    }
+    let patterns = InterfacePatterns::new(config.interfaces.clone());
+    reconcile(&state, &patterns);
+    let reconciler = {
+        let state = state.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    k = kick_rx.recv() => if k.is_none() { return },
+                    _ = stop.changed() => return,
+                }
+                // Coalesce bursts of notifications.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                while kick_rx.try_recv().is_ok() {}
+                reconcile(&state, &patterns);
+            }
+        })
+    };
+
+    // Datapath counters, gauges and the clock offset, once a second.
+    {
+        let state = state.clone();
+        let clock = clock.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.changed() => return,
+                }
+                refresh_gauges(&state);
+                clock.refresh();
+            }
+        });
+    }
+
+    // Servers.
+    if let Some(addr) = config.metrics_address {
+        let m = metrics.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let sd = async move {
+                let _ = stop.changed().await;
+            };
+            if let Err(e) = metrics::serve(addr, m, sd).await {
+                warn!(%addr, error = %e, "metrics server failed");
+            }
+        });
+    }
+    let grpc = {
+        let listener = tokio::net::TcpListener::bind(config.listen_address)
+            .await
+            .with_context(|| format!("binding the Observer API on {}", config.listen_address))?;
+        info!(address = %config.listen_address, "Observer API listening");
+        let svc = observer::ObserverService::new(state.clone());
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let sd = async move {
+                let _ = stop.changed().await;
+            };
+            if let Err(e) = observer::serve(listener, svc, sd).await {
+                warn!(error = %e, "Observer API server failed");
+            }
+        })
+    };
+
+*/
+    shutdown.await;
+    info!("shutting down: detaching the datapath");
+    let _ = stop_tx.send(true);
+    if let Ok(mut dp) = datapath.lock() {
+        dp.detach_all();
+    }
+    let grace = config.shutdown_grace;
+    let _ = tokio::time::timeout(grace, async {
+        let _ = reader.await;
+        let _ = enricher.await;
+        let _ = reconciler.await;
+        let _ = grpc.await;
+    })
+    .await;
+    Ok(())
+}
+
+fn refresh_gauges(state: &NodeState) {
+    let Ok(dp) = state.datapath.lock() else {
+        return;
+    };
+    match dp.counters() {
+        Ok(c) => state.metrics.observe_datapath(c),
+        Err(e) => warn!(error = %e, "reading datapath counters failed"),
+    }
+    state
+        .metrics
+        .attached_interfaces
+        .set(dp.attached_interfaces().len() as i64);
+    state.metrics.flow_ring_flows.set(state.ring.len() as i64);
+}
+
+/// Make attachments and the endpoints map match the interfaces and metadata now present.
+fn reconcile(state: &NodeState, patterns: &InterfacePatterns) {
+    let present = interfaces::list_interfaces();
+    let snap = state.metadata.current();
+    let node = state.config.node_name.as_str();
+    let mut wanted: BTreeSet<String> = present
+        .keys()
+        .filter(|n| patterns.matches(n))
+        .cloned()
+        .collect();
+    if state.config.attach_endpoint_interfaces {
+        for ep in snap.index.local_endpoints(node) {
+            if let Some(i) = &ep.interface {
+                if present.contains_key(i) {
+                    wanted.insert(i.clone());
+                }
+            }
+        }
+    }
+    let Ok(mut dp) = state.datapath.lock() else {
+        return;
+    };
+    for (name, idx) in dp.attached_interfaces() {
+        match present.get(&name) {
+            None => dp.forget(&name),
+            Some(now) if *now != idx => dp.forget(&name),
+            Some(_) if !wanted.contains(&name) => dp.detach(&name),
+            Some(_) => {}
+        }
+    }
+    for name in &wanted {
+        if let Some(idx) = present.get(name) {
+            if let Err(e) = dp.attach(name, *idx) {
+                warn!(iface = %name, error = %e, "attach failed");
+            }
+        }
+    }
+    let entries = endpoint_entries(&snap, node, &present);
+    if let Err(e) = dp.sync_endpoints(&entries) {
+        warn!(error = %e, "programming the endpoints map failed");
+    }
+    let attached = dp.attached_interfaces();
+    state.metrics.attached_interfaces.set(attached.len() as i64);
+    let mut names = state.ifnames.write().unwrap_or_else(|p| p.into_inner());
+    for (name, idx) in attached {
+        names.insert(idx, name);
+    }
+}
+
+/// ifindex -> endpoint for local endpoints whose interface exists. The endpoint id is the
+/// host-side ifindex: unique on the node for the endpoint's lifetime.
+fn endpoint_entries(
+    snap: &MetadataSnapshot,
+    node: &str,
+    present: &std::collections::BTreeMap<String, u32>,
+) -> Vec<(u32, EndpointValue)> {
+    snap.index
+        .local_endpoints(node)
+        .filter_map(|ep| {
+            let idx = *present.get(ep.interface.as_deref()?)?;
+            Some((
+                idx,
+                EndpointValue {
+                    endpoint_id: idx,
+                    identity: ep.identity.0,
+                    ingress_mode: enforcement::OFF,
+                    egress_mode: enforcement::OFF,
+                    _pad: [0; 6],
+                },
+            ))
+        })
+        .collect()
+}

@@ -1,0 +1,124 @@
+//! `lumen-node-exporter`: parse config and flags, start tracing, run until SIGINT/SIGTERM,
+//! detach everything within the grace period.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser;
+use lumen_node_exporter::config::{Aggregation, Config, ProcessEnv};
+
+#[derive(Parser, Debug)]
+#[command(name = "lumen-node-exporter", version, about = "Lumen's per-node flow exporter")]
+struct Args {
+    /// YAML config file (see docs/operations.md); flags override it.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Node name reported in flows.
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Observer gRPC listen address.
+    #[arg(long)]
+    listen_address: Option<SocketAddr>,
+    /// Prometheus /metrics listen address ("" disables).
+    #[arg(long)]
+    metrics_address: Option<String>,
+    /// Interface name or glob pattern to attach to (repeatable).
+    #[arg(long = "interface", short = 'i')]
+    interfaces: Vec<String>,
+    /// Endpoint metadata YAML file (watched for changes).
+    #[arg(long)]
+    endpoints_file: Option<PathBuf>,
+    /// BPF ring buffer size in bytes.
+    #[arg(long)]
+    ring_buffer_bytes: Option<u32>,
+    /// Flows kept in memory.
+    #[arg(long)]
+    flow_ring_capacity: Option<usize>,
+    /// Monitor aggregation: flows (default) or packets (every packet).
+    #[arg(long, value_parser = ["flows", "packets"])]
+    aggregation: Option<String>,
+    /// Periodic update interval for long-lived flows (e.g. 5s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    report_interval: Option<Duration>,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lumen-node-exporter: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut config = match &args.config {
+        Some(p) => Config::from_file(p)?,
+        None => Config::default(),
+    };
+    config.apply_env(&ProcessEnv)?;
+    if let Some(v) = args.node_name {
+        config.node_name = v;
+    }
+    if let Some(v) = args.listen_address {
+        config.listen_address = v;
+    }
+    if let Some(v) = args.metrics_address {
+        config.metrics_address = if v.is_empty() {
+            None
+        } else {
+            Some(v.parse().with_context(|| format!("--metrics-address {v:?}"))?)
+        };
+    }
+    if !args.interfaces.is_empty() {
+        config.interfaces = args.interfaces;
+    }
+    if let Some(v) = args.endpoints_file {
+        config.endpoints_file = Some(v);
+    }
+    if let Some(v) = args.ring_buffer_bytes {
+        config.ring_buffer_bytes = v;
+    }
+    if let Some(v) = args.flow_ring_capacity {
+        config.flow_ring_capacity = v;
+    }
+    if let Some(v) = args.aggregation {
+        config.aggregation = if v == "packets" {
+            Aggregation::Packets
+        } else {
+            Aggregation::Flows
+        };
+    }
+    if let Some(v) = args.report_interval {
+        config.report_interval = v;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("lumen-node-exporter")
+        .build()?;
+    rt.block_on(lumen_node_exporter::run(config, shutdown_signal()))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,265 @@
+//! The flow ring: the last N enriched flows, kept compactly (endpoint metadata is shared
+//! through `Arc`s, not copied per flow), with a sequence number per flow so readers can
+//! page through it without holding the lock, and a broadcast of new flows for followers.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, RwLock,
+    },
+};
+
+use tokio::sync::broadcast;
+
+use crate::metadata::EndpointRef;
+
+/// One flow as kept in memory (128 bytes; see the size assertion below).
+#[derive(Debug, Clone)]
+pub struct StoredFlow {
+    /// Wall-clock time of the event, ns since the Unix epoch.
+    pub time_ns: i64,
+    /// Wall-clock time of the connection's first packet.
+    pub first_seen_ns: i64,
+    pub flow_id: u64,
+    pub orig_bytes: u64,
+    pub reply_bytes: u64,
+    pub orig_packets: u32,
+    pub reply_packets: u32,
+    /// Handshake RTT in ns (saturates at ~4.29 s), 0 = not measured.
+    pub handshake_rtt_ns: u32,
+    /// Host-side interface that observed the packet.
+    pub ifindex: u32,
+    /// Addresses of this packet (IPv4 mapped into IPv6 form).
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    /// L2 length of the packet that triggered the event.
+    pub packet_len: u32,
+    pub src_endpoint: Option<EndpointRef>,
+    pub dst_endpoint: Option<EndpointRef>,
+    pub proto: u8,
+    pub family: u8,
+    pub reason: u8,
+    pub verdict: u8,
+    pub drop_reason: u8,
+    /// Connection direction relative to the endpoint (1 ingress, 2 egress).
+    pub direction: u8,
+    /// `flow_flags` bits (reply, L3-only, fragment).
+    pub flags: u8,
+    pub tcp_flags: u8,
+    pub orig_tcp_flags: u8,
+    pub reply_tcp_flags: u8,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+}
+
+const _: () = assert!(std::mem::size_of::<StoredFlow>() <= 128);
+
+/// Bytes one stored flow costs in the ring (the struct; endpoint metadata is shared).
+pub const STORED_FLOW_BYTES: usize = std::mem::size_of::<StoredFlow>();
+
+struct Inner {
+    buf: VecDeque<StoredFlow>,
+    /// Sequence number of `buf[0]`.
+    first_seq: u64,
+}
+
+/// Bounded in-memory ring of flows.
+pub struct FlowRing {
+    inner: RwLock<Inner>,
+    capacity: usize,
+    seen: AtomicU64,
+    /// Flows evicted because the ring was full (the oldest go first).
+    evicted: AtomicU64,
+    tx: broadcast::Sender<(u64, StoredFlow)>,
+}
+
+impl FlowRing {
+    /// `capacity` flows; followers lag by at most `follow_queue` flows before they are
+    /// told how many they lost.
+    pub fn new(capacity: usize, follow_queue: usize) -> Arc<Self> {
+        let (tx, _) = broadcast::channel(follow_queue.max(16));
+        Arc::new(Self {
+            inner: RwLock::new(Inner {
+                buf: VecDeque::with_capacity(capacity.min(1 << 20)),
+                first_seq: 0,
+            }),
+            capacity: capacity.max(1),
+            seen: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+            tx,
+        })
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Flows ever pushed.
+    pub fn seen(&self) -> u64 {
+        self.seen.load(Ordering::Relaxed)
+    }
+
+    pub fn evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
+    }
+
+    pub fn len(&self) -> usize {
+        self.read().buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Append a batch of flows.
+    pub fn push_batch(&self, flows: Vec<StoredFlow>) {
+        if flows.is_empty() {
+            return;
+        }
+        let n = flows.len() as u64;
+        let mut followers = Vec::new();
+        let want_broadcast = self.tx.receiver_count() > 0;
+        {
+            let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+            for f in flows {
+                if g.buf.len() == self.capacity {
+                    g.buf.pop_front();
+                    g.first_seq += 1;
+                    self.evicted.fetch_add(1, Ordering::Relaxed);
+                }
+                let seq = g.first_seq + g.buf.len() as u64;
+                if want_broadcast {
+                    followers.push((seq, f.clone()));
+                }
+                g.buf.push_back(f);
+            }
+        }
+        self.seen.fetch_add(n, Ordering::Relaxed);
+        for item in followers {
+            // No receivers is fine; lagging receivers learn how many they missed.
+            let _ = self.tx.send(item);
+        }
+    }
+
+    /// Sequence number the next pushed flow will get.
+    pub fn next_seq(&self) -> u64 {
+        let g = self.read();
+        g.first_seq + g.buf.len() as u64
+    }
+
+    /// Sequence number of the oldest flow still held.
+    pub fn first_seq(&self) -> u64 {
+        self.read().first_seq
+    }
+
+    /// Up to `max` flows starting at `from` (clamped to what is still held), oldest first.
+    pub fn range(&self, from: u64, max: usize) -> Vec<(u64, StoredFlow)> {
+        let g = self.read();
+        let start = from.max(g.first_seq);
+        let off = (start - g.first_seq) as usize;
+        g.buf
+            .iter()
+            .skip(off)
+            .take(max)
+            .enumerate()
+            .map(|(i, f)| (start + i as u64, f.clone()))
+            .collect()
+    }
+
+    /// Up to `max` flows ending just before `before`, returned newest first.
+    pub fn range_rev(&self, before: u64, max: usize) -> Vec<(u64, StoredFlow)> {
+        let g = self.read();
+        let end = before.min(g.first_seq + g.buf.len() as u64);
+        if end <= g.first_seq {
+            return Vec::new();
+        }
+        let end_off = (end - g.first_seq) as usize;
+        g.buf
+            .range(..end_off)
+            .rev()
+            .take(max)
+            .enumerate()
+            .map(|(i, f)| (end - 1 - i as u64, f.clone()))
+            .collect()
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<(u64, StoredFlow)> {
+        self.tx.subscribe()
+    }
+
+    /// Flows per second over the last `window_ns` of flow time.
+    pub fn rate(&self, now_ns: i64, window_ns: i64) -> f64 {
+        let g = self.read();
+        let from = now_ns - window_ns;
+        let n = g.buf.iter().rev().take_while(|f| f.time_ns >= from).count();
+        n as f64 / (window_ns as f64 / 1e9)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(t: i64) -> StoredFlow {
+        StoredFlow {
+            time_ns: t,
+            first_seen_ns: t,
+            flow_id: t as u64,
+            orig_bytes: 0,
+            reply_bytes: 0,
+            orig_packets: 0,
+            reply_packets: 0,
+            handshake_rtt_ns: 0,
+            ifindex: 0,
+            src: [0; 16],
+            dst: [0; 16],
+            sport: 0,
+            dport: 0,
+            packet_len: 0,
+            src_endpoint: None,
+            dst_endpoint: None,
+            proto: 6,
+            family: 4,
+            reason: 1,
+            verdict: 1,
+            drop_reason: 0,
+            direction: 2,
+            flags: 0,
+            tcp_flags: 0,
+            orig_tcp_flags: 0,
+            reply_tcp_flags: 0,
+            icmp_type: 0,
+            icmp_code: 0,
+        }
+    }
+
+    #[test]
+    fn evicts_oldest_and_keeps_sequence_numbers() {
+        let ring = FlowRing::new(3, 16);
+        ring.push_batch((0..5).map(flow).collect());
+        assert_eq!(ring.len(), 3);
+        assert_eq!(ring.seen(), 5);
+        assert_eq!(ring.evicted(), 2);
+        assert_eq!(ring.first_seq(), 2);
+        let all: Vec<i64> = ring.range(0, 10).iter().map(|(_, f)| f.time_ns).collect();
+        assert_eq!(all, vec![2, 3, 4]);
+        let last2: Vec<u64> = ring.range_rev(u64::MAX, 2).iter().map(|(s, _)| *s).collect();
+        assert_eq!(last2, vec![4, 3]);
+    }
+
+    #[test]
+    fn followers_get_new_flows_in_order() {
+        let ring = FlowRing::new(10, 16);
+        let mut rx = ring.subscribe();
+        ring.push_batch(vec![flow(1), flow(2)]);
+        assert_eq!(rx.try_recv().map(|(s, _)| s).ok(), Some(0));
+        assert_eq!(rx.try_recv().map(|(s, _)| s).ok(), Some(1));
+    }
+}

@@ -1,0 +1,25 @@
+//! Lumen wire model: the Hubble-compatible Observer API (prost messages and
+//! tonic client/server), flow filters, field masks and flow text formats.
+
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::unwrap_used,
+    clippy::pedantic,
+    rustdoc::all
+)]
+mod generated {
+    pub mod flow {
+        include!(concat!(env!("OUT_DIR"), "/flow.rs"));
+    }
+    pub mod relay {
+        include!(concat!(env!("OUT_DIR"), "/relay.rs"));
+    }
+    pub mod observer {
+        include!(concat!(env!("OUT_DIR"), "/observer.rs"));
+    }
+}
+
+pub use generated::{flow, observer, relay};
+
+pub mod descriptor;

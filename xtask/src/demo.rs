@@ -1,0 +1,224 @@
+//! `cargo xtask demo`: a lab of pods (network namespaces + veth pairs, IPv4 and IPv6) on a
+//! bridge, the node exporter attached to their host-side interfaces with their metadata,
+//! a loop of real traffic (HTTP over TCP on v4 and v6, UDP, ping, a refused connection),
+//! and `lumen observe --follow` in the terminal. Ctrl-C (or --duration) tears it all down.
+
+use std::{
+    net::IpAddr,
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use lumen_lab::{Lab, Pod};
+
+use crate::{setup, sh, workspace_root};
+
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// Stop after this many seconds (default: run until Ctrl-C).
+    #[arg(long)]
+    duration: Option<u64>,
+    /// Output format passed to `lumen observe -o`.
+    #[arg(long, default_value = "compact")]
+    output: String,
+    /// Skip `cargo xtask setup`.
+    #[arg(long)]
+    no_setup: bool,
+}
+
+struct Proc(Child, &'static str);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SIGTERM first so the node exporter detaches cleanly; then make sure.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("demo: {} did not stop on SIGTERM; killing it", self.1);
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn run(args: DemoArgs) -> Result<()> {
+    if !args.no_setup {
+        setup::run()?;
+    }
+    sh::cargo(
+        &[
+            "build",
+            "--locked",
+            "-p",
+            "lumen-node-exporter",
+            "-p",
+            "lumen",
+            "--bins",
+        ],
+        &[],
+    )?;
+    let bin = workspace_root().join("target/debug");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
+            .context("installing the Ctrl-C handler")?;
+    }
+
+    let mut lab = Lab::new("demo")?;
+    let web = lab.add_pod("web")?;
+    let api = lab.add_pod("api")?;
+    let db = lab.add_pod("db")?;
+    eprintln!(
+        "demo: lab {} — web {} / {}, api {} / {}, db {} / {}",
+        lab.id(),
+        web.ipv4,
+        web.ipv6,
+        api.ipv4,
+        api.ipv6,
+        db.ipv4,
+        db.ipv6
+    );
+
+    let dir = tempfile::tempdir()?;
+    let endpoints = dir.path().join("endpoints.yaml");
+    std::fs::write(&endpoints, endpoints_yaml(&[(&web, "web", "frontend"), (&api, "api", "backend"), (&db, "db", "storage")]))?;
+
+    let port = free_port()?;
+    let server = format!("127.0.0.1:{port}");
+    let exporter = Proc(
+        Command::new(bin.join("lumen-node-exporter"))
+            .args([
+                "--node-name",
+                "demo-node",
+                "--listen-address",
+                &server,
+                "--metrics-address",
+                "127.0.0.1:0",
+                "--endpoints-file",
+            ])
+            .arg(&endpoints)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting lumen-node-exporter")?,
+        "lumen-node-exporter",
+    );
+    wait_for_port(&server, Duration::from_secs(20))?;
+
+    let _http4 = web.http_server(8080)?;
+    let _udp = db.udp_listen(5353)?;
+    std::thread::sleep(Duration::from_millis(300));
+
+    let observe = Proc(
+        Command::new(bin.join("lumen"))
+            .args(["observe", "--server", &server, "--follow", "-o", &args.output, "--print-node-name"])
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting lumen observe")?,
+        "lumen observe",
+    );
+
+    let started = Instant::now();
+    let deadline = args.duration.map(Duration::from_secs);
+    let mut round = 0u32;
+    while !stop.load(Ordering::SeqCst) && deadline.is_none_or(|d| started.elapsed() < d) {
+        traffic_round(&web, &api, &db, round);
+        round += 1;
+        for _ in 0..20 {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    eprintln!("\ndemo: stopping (ran {round} traffic rounds)");
+    drop(observe);
+    let status = Command::new(bin.join("lumen"))
+        .args(["status", "--server", &server])
+        .status();
+    if let Err(e) = status {
+        eprintln!("demo: lumen status: {e}");
+    }
+    drop(exporter);
+    let ifaces = lab.host_interfaces();
+    let attached: Vec<String> = ifaces
+        .iter()
+        .filter_map(|i| lumen_lab::attachments(i).ok().filter(|a| !a.is_empty()).map(|a| format!("{i}: {a}")))
+        .collect();
+    drop(lab);
+    if attached.is_empty() {
+        eprintln!("demo: lab removed; nothing left attached");
+        Ok(())
+    } else {
+        bail!("programs still attached after shutdown: {}", attached.join("; "))
+    }
+}
+
+/// One round of mixed traffic: HTTP over v4 and v6, UDP, ping v4/v6, a refused connect.
+fn traffic_round(web: &Pod, api: &Pod, db: &Pod, round: u32) {
+    let report = |what: &str, r: Result<()>| {
+        if let Err(e) = r {
+            eprintln!("demo: {what}: {e:#}");
+        }
+    };
+    report("http v4", api.http_get(IpAddr::V4(web.ipv4), 8080, "/").map(drop));
+    if round % 2 == 0 {
+        report("http v6", api.http_get(IpAddr::V6(web.ipv6), 8080, "/").map(drop));
+    }
+    report(
+        "udp",
+        web.udp_send(IpAddr::V4(db.ipv4), 5353, format!("lumen demo {round}").as_bytes()),
+    );
+    if round % 3 == 0 {
+        report("ping v4", api.ping(IpAddr::V4(db.ipv4), 1).map(drop));
+        report("ping v6", web.ping(IpAddr::V6(api.ipv6), 1).map(drop));
+    }
+    if round % 4 == 1 {
+        report("refused", api.tcp_connect_refused(IpAddr::V4(db.ipv4), 6379).map(drop));
+    }
+}
+
+fn endpoints_yaml(pods: &[(&Pod, &str, &str)]) -> String {
+    let mut s = String::from("node: demo-node\nendpoints:\n");
+    for (pod, app, tier) in pods {
+        s.push_str(&format!(
+            "  - pod: {name}-{id}\n    namespace: demo\n    labels: {{app: {app}, tier: {tier}}}\n    interface: {iface}\n    ips: [\"{v4}\", \"{v6}\"]\n    workload: {{kind: Deployment, name: {name}}}\n",
+            name = pod.name,
+            id = &pod.host_if[pod.host_if.len().saturating_sub(3)..],
+            iface = pod.host_if,
+            v4 = pod.ipv4,
+            v6 = pod.ipv6,
+        ));
+    }
+    s
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn wait_for_port(addr: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("the node exporter did not listen on {addr} within {timeout:?}")
+}
+
