@@ -73,6 +73,7 @@ fn endpoint(ep: &Option<EndpointRef>, local_id: u32) -> Option<Endpoint> {
 }
 
 /// Convert one stored flow.
+#[allow(deprecated)] // Flow.drop_reason is deprecated in Hubble but still filled for old clients.
 pub fn to_flow(f: &StoredFlow, ctx: &ConvertContext<'_>) -> Flow {
     let src_ip = ip_of(f.family, &f.src);
     let dst_ip = ip_of(f.family, &f.dst);

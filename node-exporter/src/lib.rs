@@ -211,7 +211,6 @@ pub async fn run(
         })
     };
 
-*/
     shutdown.await;
     info!("shutting down: detaching the datapath");
     let _ = stop_tx.send(true);

@@ -96,8 +96,8 @@ struct Query {
     follow: bool,
     since: Option<i64>,
     until: Option<i64>,
-    filter: lumen_proto::filter::FlowFilterSet,
-    mask: Option<lumen_proto::fieldmask::FieldMask>,
+    filter: lumen_proto::filter::FlowFilters,
+    mask: Option<lumen_proto::field_mask::FlowFieldMask>,
 }
 
 impl Query {
@@ -115,16 +115,14 @@ impl Query {
                 });
             }
         }
-        let filter = lumen_proto::filter::FlowFilterSet::compile(&req.whitelist, &req.blacklist)
+        let filter = lumen_proto::filter::FlowFilters::compile(&req.whitelist, &req.blacklist)
             .map_err(|e| RequestError::Filter(e.to_string()))?;
-        let mask_paths = req
+        let paths = req
             .field_mask
             .as_ref()
             .map(|m| m.paths.clone())
-            .filter(|p| !p.is_empty());
-        let mask = mask_paths
-            .map(|p| lumen_proto::fieldmask::FieldMask::new(&p))
-            .transpose()
+            .unwrap_or_default();
+        let mask = lumen_proto::field_mask::FlowFieldMask::compile(&paths)
             .map_err(|e| RequestError::FieldMask(e.to_string()))?;
         Ok(Self {
             number: req.number,
