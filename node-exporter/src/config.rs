@@ -32,6 +32,11 @@ pub struct Config {
     pub attach_endpoint_interfaces: bool,
     /// Endpoint metadata file (watched).
     pub endpoints_file: Option<PathBuf>,
+    /// Directory of policy files (CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy,
+    /// NetworkPolicy YAML), watched.
+    pub policy_dir: Option<PathBuf>,
+    /// Node-wide enforcement mode (endpoints and policies may override it).
+    pub policy_mode: lumen_policy::EnforcementMode,
     /// Flows kept in memory.
     pub flow_ring_capacity: usize,
     /// BPF ring buffer size in bytes (power of two, multiple of 4096).
@@ -72,6 +77,9 @@ impl Default for Config {
             interfaces: Vec::new(),
             attach_endpoint_interfaces: true,
             endpoints_file: None,
+            policy_dir: None,
+            // As Cilium: policies are enforced unless an endpoint or policy says audit.
+            policy_mode: lumen_policy::EnforcementMode::Enforce,
             // About 32 MiB of flows.
             flow_ring_capacity: (32 << 20) / STORED_FLOW_BYTES,
             // 8 MiB holds ~55k events: several seconds of bursts at the drain interval.
@@ -185,6 +193,9 @@ impl Config {
         }
         if let Some(v) = env.var(&key("ENDPOINTS_FILE")) {
             self.endpoints_file = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env.var(&key("POLICY_DIR")) {
+            self.policy_dir = Some(PathBuf::from(v));
         }
         if let Some(v) = env.var(&key("FLOW_RING_CAPACITY")) {
             self.flow_ring_capacity = parse(&key("FLOW_RING_CAPACITY"), v)?;

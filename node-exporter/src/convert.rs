@@ -18,10 +18,56 @@ pub const TRACE_TO_LXC: i32 = 0;
 /// Trace sub type "from-endpoint" (Cilium TRACE_FROM_LXC).
 pub const TRACE_FROM_LXC: i32 = 5;
 
-/// Static context of a conversion: this node's name and interface names.
+/// Static context of a conversion: this node's name, interface names, and the policy set
+/// the rule ids refer to.
 pub struct ConvertContext<'a> {
     pub node_name: &'a str,
     pub interface_name: &'a dyn Fn(u32) -> Option<String>,
+    pub compiled: &'a lumen_policy::compile::CompiledPolicy,
+    pub policies: &'a [lumen_policy::Policy],
+}
+
+/// Cilium's policy match types (Flow.policy_match_type).
+pub mod match_type {
+    pub const NONE: u32 = 0;
+    pub const L3_ONLY: u32 = 1;
+    pub const L3_L4: u32 = 2;
+    pub const L4_ONLY: u32 = 3;
+    pub const ALL: u32 = 4;
+}
+
+/// The policy (as Hubble's flow.Policy) and match type of a rule id.
+pub fn attribution(rule_id: u32, ctx: &ConvertContext<'_>) -> Option<(flow::Policy, u32)> {
+    let rule = crate::policy::rule_of(ctx.compiled, rule_id)?;
+    let policy = ctx.policies.iter().find(|p| p.id == rule.policy);
+    let kind = policy.map(|p| p.kind.to_string()).unwrap_or_default();
+    let (label, mt) = match rule.rule {
+        None => ("lumen.io/rule=default-deny".to_owned(), match_type::NONE),
+        Some(i) => {
+            let r = policy.and_then(|p| p.rules.get(i as usize));
+            let mt = match r {
+                Some(r) => match (&r.peers, r.ports.is_empty()) {
+                    (lumen_policy::model::Peers::Any, true) => match_type::ALL,
+                    (lumen_policy::model::Peers::Any, false) => match_type::L4_ONLY,
+                    (_, true) => match_type::L3_ONLY,
+                    (_, false) => match_type::L3_L4,
+                },
+                None => match_type::NONE,
+            };
+            let path = r.map(|r| r.path.clone()).unwrap_or_else(|| format!("rule[{i}]"));
+            (format!("lumen.io/rule={path}"), mt)
+        }
+    };
+    Some((
+        flow::Policy {
+            name: rule.policy.name.clone(),
+            namespace: rule.policy.namespace.clone().unwrap_or_default(),
+            labels: vec![label],
+            revision: 0,
+            kind,
+        },
+        mt,
+    ))
 }
 
 pub fn timestamp(ns: i64) -> prost_types::Timestamp {
@@ -52,11 +98,11 @@ pub fn tcp_flags(bits: u8) -> TcpFlags {
     }
 }
 
-fn endpoint(ep: &Option<EndpointRef>, local_id: u32) -> Option<Endpoint> {
+fn endpoint(ep: &Option<EndpointRef>, local_id: u32, identity: Option<u32>) -> Option<Endpoint> {
     let ep = ep.as_ref()?;
     Some(Endpoint {
         id: local_id,
-        identity: ep.identity.0,
+        identity: identity.unwrap_or(ep.identity.0),
         namespace: ep.namespace.clone().unwrap_or_default(),
         labels: ep.labels.iter().map(|l| l.to_string()).collect(),
         pod_name: if ep.is_world() { String::new() } else { ep.pod.clone() },
@@ -116,6 +162,19 @@ pub fn to_flow(f: &StoredFlow, ctx: &ConvertContext<'_>) -> Flow {
         None => flow::LumenEventKind::Unspecified,
     };
     let dropped = f.verdict == lumen_datapath_common::verdict::DROPPED;
+    // The datapath's view of the peer's identity wins over metadata (CIDR identities).
+    let peer = (f.peer_identity != 0).then_some(f.peer_identity);
+    let (src_identity, dst_identity) = if from_endpoint { (None, peer) } else { (peer, None) };
+    let policy = attribution(f.policy_rule_id, ctx);
+    let denied = f.verdict != lumen_datapath_common::verdict::FORWARDED;
+    let ingress = f.direction == direction::INGRESS;
+    let pick = |want_ingress: bool, want_denied: bool| -> Vec<flow::Policy> {
+        match &policy {
+            Some((p, _)) if ingress == want_ingress && denied == want_denied => vec![p.clone()],
+            _ => Vec::new(),
+        }
+    };
+    let age_ns = i64::try_from(crate::store::decode_age(f.age)).unwrap_or(i64::MAX);
     Flow {
         time: Some(timestamp(f.time_ns)),
         uuid: format!("{:016x}-{:x}", f.flow_id, f.time_ns),
@@ -133,8 +192,8 @@ pub fn to_flow(f: &StoredFlow, ctx: &ConvertContext<'_>) -> Flow {
             encrypted: false,
         }),
         l4: l4.map(|p| Layer4 { protocol: Some(p) }),
-        source: endpoint(&f.src_endpoint, src_id),
-        destination: endpoint(&f.dst_endpoint, dst_id),
+        source: endpoint(&f.src_endpoint, src_id, src_identity),
+        destination: endpoint(&f.dst_endpoint, dst_id, dst_identity),
         r#type: flow::FlowType::L3L4 as i32,
         node_name: ctx.node_name.to_owned(),
         event_type: Some(flow::CiliumEventType {
@@ -172,11 +231,16 @@ pub fn to_flow(f: &StoredFlow, ctx: &ConvertContext<'_>) -> Flow {
             reply_bytes: f.reply_bytes,
         }),
         handshake_rtt: (f.handshake_rtt_ns != 0).then(|| duration(i64::from(f.handshake_rtt_ns))),
-        flow_duration: Some(duration(f.time_ns.saturating_sub(f.first_seen_ns).max(0))),
+        flow_duration: Some(duration(age_ns)),
         flow_id: f.flow_id,
-        first_seen: Some(timestamp(f.first_seen_ns)),
+        first_seen: Some(timestamp(f.time_ns - age_ns)),
         tcp_flags_seen: (f.proto == 6).then(|| tcp_flags(f.orig_tcp_flags | f.reply_tcp_flags)),
         packet_length: f.packet_len,
+        ingress_allowed_by: pick(true, false),
+        egress_allowed_by: pick(false, false),
+        ingress_denied_by: pick(true, true),
+        egress_denied_by: pick(false, true),
+        policy_match_type: policy.as_ref().map_or(0, |(_, m)| *m),
         ..Default::default()
     }
 }

@@ -6,13 +6,16 @@
 use std::{collections::BTreeMap, os::fd::AsFd as _};
 
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{lpm_trie::{Key as LpmKey, LpmTrie}, Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{tc, SchedClassifier, TcAttachType},
     Ebpf, EbpfLoader,
 };
 use lumen_datapath_common::{
-    map_names, program_names, Counter, DatapathConfig, EndpointValue, ALL_COUNTERS,
+    map_names, program_names, Counter, DatapathConfig, EndpointValue, IpcacheValue, PolicyKey,
+    PolicyValue, ALL_COUNTERS,
 };
+
+use crate::policy::DesiredMaps;
 use tracing::{debug, info, warn};
 
 /// The datapath object built from `ebpf-datapath/programs` by build.rs.
@@ -66,6 +69,7 @@ struct Attachment {
 pub struct Datapath {
     ebpf: Ebpf,
     attached: BTreeMap<String, Attachment>,
+    config: DatapathConfig,
 }
 
 /// Totals of the per-CPU counters.
@@ -82,6 +86,10 @@ pub struct DatapathCounters {
     pub parse_errors: u64,
     /// Largest pending-bytes reading over CPUs (ring buffer fill).
     pub ring_pending_bytes: u64,
+    pub policy_dropped: u64,
+    pub policy_audited: u64,
+    pub drop_reports_suppressed: u64,
+    pub policy_lookups: u64,
 }
 
 impl Datapath {
@@ -100,6 +108,7 @@ impl Datapath {
         let mut dp = Self {
             ebpf,
             attached: BTreeMap::new(),
+            config: DatapathConfig::DEFAULT,
         };
         for name in [
             program_names::FROM_ENDPOINT,
@@ -122,8 +131,105 @@ impl Datapath {
             .map_err(|source| DatapathError::Program { name, source })
     }
 
+    /// Bump the policy generation: established connections re-decide on their next packet.
+    pub fn set_policy_generation(&mut self, generation: u32) -> Result<(), DatapathError> {
+        let cfg = DatapathConfig {
+            policy_generation: generation,
+            ..self.config
+        };
+        self.set_config(cfg)
+    }
+
+    /// Make the ipcache, policy and endpoint maps go from `old` to `new`: inserts and
+    /// updates first, removals last, so no lookup ever misses something both versions have.
+    pub fn sync_maps(&mut self, old: &DesiredMaps, new: &DesiredMaps) -> Result<(), DatapathError> {
+        let err = |name: &'static str| move |source| DatapathError::Map { name, source };
+        {
+            let map = self
+                .ebpf
+                .map_mut(map_names::IPCACHE)
+                .ok_or_else(|| missing(map_names::IPCACHE))?;
+            let mut m: LpmTrie<&mut MapData, [u8; 16], IpcacheValue> =
+                LpmTrie::try_from(map).map_err(err(map_names::IPCACHE))?;
+            for (k, v) in &new.ipcache {
+                if old.ipcache.get(k) != Some(v) {
+                    m.insert(&LpmKey::new(k.0, k.1), v, 0)
+                        .map_err(err(map_names::IPCACHE))?;
+                }
+            }
+            for k in old.ipcache.keys().filter(|k| !new.ipcache.contains_key(k)) {
+                let _ = m.remove(&LpmKey::new(k.0, k.1));
+            }
+        }
+        {
+            let map = self
+                .ebpf
+                .map_mut(map_names::POLICY)
+                .ok_or_else(|| missing(map_names::POLICY))?;
+            let mut m: LpmTrie<&mut MapData, PolicyKey, PolicyValue> =
+                LpmTrie::try_from(map).map_err(err(map_names::POLICY))?;
+            for (k, v) in &new.policy {
+                if old.policy.get(k) != Some(v) {
+                    m.insert(&LpmKey::new(k.0, k.1), v, 0)
+                        .map_err(err(map_names::POLICY))?;
+                }
+            }
+            for k in old.policy.keys().filter(|k| !new.policy.contains_key(k)) {
+                let _ = m.remove(&LpmKey::new(k.0, k.1));
+            }
+        }
+        let entries: Vec<(u32, EndpointValue)> =
+            new.endpoints.iter().map(|(k, v)| (*k, *v)).collect();
+        self.sync_endpoints(&entries)
+    }
+
+    /// Every entry of the kernel policy map (the real state, for `lumen policy dump`).
+    pub fn policy_entries(&self) -> Result<Vec<(u32, PolicyKey, PolicyValue)>, DatapathError> {
+        let map = self
+            .ebpf
+            .map(map_names::POLICY)
+            .ok_or_else(|| missing(map_names::POLICY))?;
+        let m: LpmTrie<&MapData, PolicyKey, PolicyValue> =
+            LpmTrie::try_from(map).map_err(|source| DatapathError::Map {
+                name: map_names::POLICY,
+                source,
+            })?;
+        let mut out = Vec::new();
+        for item in m.iter() {
+            let (k, v) = item.map_err(|source| DatapathError::Map {
+                name: map_names::POLICY,
+                source,
+            })?;
+            out.push((k.prefix_len(), k.data(), v));
+        }
+        Ok(out)
+    }
+
+    /// Every entry of the kernel ipcache.
+    pub fn ipcache_entries(&self) -> Result<Vec<(u32, [u8; 16], IpcacheValue)>, DatapathError> {
+        let map = self
+            .ebpf
+            .map(map_names::IPCACHE)
+            .ok_or_else(|| missing(map_names::IPCACHE))?;
+        let m: LpmTrie<&MapData, [u8; 16], IpcacheValue> =
+            LpmTrie::try_from(map).map_err(|source| DatapathError::Map {
+                name: map_names::IPCACHE,
+                source,
+            })?;
+        let mut out = Vec::new();
+        for item in m.iter() {
+            let (k, v) = item.map_err(|source| DatapathError::Map {
+                name: map_names::IPCACHE,
+                source,
+            })?;
+            out.push((k.prefix_len(), k.data(), v));
+        }
+        Ok(out)
+    }
+
     /// Write the one-entry config map.
     pub fn set_config(&mut self, cfg: DatapathConfig) -> Result<(), DatapathError> {
+        self.config = cfg;
         let map = self
             .ebpf
             .map_mut(map_names::CONFIG)
@@ -317,6 +423,10 @@ impl Datapath {
                 Counter::NonIpPackets => c.non_ip_packets = total,
                 Counter::ParseErrors => c.parse_errors = total,
                 Counter::RingPendingBytes => c.ring_pending_bytes = max,
+                Counter::PolicyDropped => c.policy_dropped = total,
+                Counter::PolicyAudited => c.policy_audited = total,
+                Counter::DropReportsSuppressed => c.drop_reports_suppressed = total,
+                Counter::PolicyLookups => c.policy_lookups = total,
             }
         }
         Ok(c)

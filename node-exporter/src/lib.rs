@@ -18,6 +18,7 @@ pub mod metadata;
 pub mod metrics;
 pub mod observer;
 pub mod pipeline;
+pub mod policy;
 pub mod store;
 pub mod test_run;
 
@@ -28,7 +29,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use lumen_datapath_common::{enforcement, DatapathConfig, EndpointValue, AGGREGATION_FLOWS, AGGREGATION_NONE};
+use lumen_datapath_common::{DatapathConfig, AGGREGATION_FLOWS, AGGREGATION_NONE};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
@@ -37,7 +38,7 @@ use crate::{
     config::{Aggregation, Config},
     datapath::{Datapath, LoadOptions},
     interfaces::InterfacePatterns,
-    metadata::{EndpointsWatcher, MetadataHandle, MetadataSnapshot},
+    metadata::{EndpointsWatcher, MetadataHandle},
     metrics::Metrics,
     store::FlowRing,
 };
@@ -53,6 +54,12 @@ pub struct NodeState {
     pub metadata: MetadataHandle,
     pub started_ns: i64,
     pub datapath: Arc<Mutex<Datapath>>,
+    /// Policy state: files, compiled set, what is programmed in the kernel.
+    pub policy: Mutex<policy::PolicyEngine>,
+    /// The compiled policy set in force (rule table for attribution).
+    pub compiled: Arc<std::sync::RwLock<Arc<lumen_policy::compile::CompiledPolicy>>>,
+    /// The policies in force.
+    pub policies: Arc<std::sync::RwLock<Arc<Vec<lumen_policy::Policy>>>>,
     /// Names of interfaces ever attached, by ifindex (flows outlive their interface).
     pub ifnames: std::sync::RwLock<std::collections::HashMap<u32, String>>,
 }
@@ -72,6 +79,8 @@ fn datapath_config(cfg: &Config) -> DatapathConfig {
         initialized: 1,
         report_interval_ns: cfg.report_interval.as_nanos().min(u128::from(u64::MAX)) as u64,
         wakeup_watermark_bytes: cfg.wakeup_watermark_bytes,
+        policy_generation: 0,
+        drop_report_interval_ms: 1000,
     }
 }
 
@@ -98,7 +107,13 @@ pub async fn run(
     let clock = Arc::new(ClockOffset::new());
     let (stop_tx, stop_rx) = watch::channel(false);
 
+    let engine = policy::PolicyEngine::new(config.policy_dir.clone(), config.policy_mode);
+    let compiled = engine.compiled.clone();
+    let policies = engine.policies.clone();
     let state = Arc::new(NodeState {
+        policy: Mutex::new(engine),
+        compiled: compiled.clone(),
+        policies,
         config: config.clone(),
         ring: ring.clone(),
         metrics: metrics.clone(),
@@ -162,6 +177,31 @@ pub async fn run(
             }
         })
     };
+
+    // Policy directory: reload changed files, recompile, reprogram.
+    if config.policy_dir.is_some() {
+        let state = state.clone();
+        let mut stop = stop_rx.clone();
+        let poll = config.endpoints_poll_interval;
+        tokio::spawn(async move {
+            loop {
+                let changed = {
+                    let Ok(mut engine) = state.policy.lock() else { return };
+                    let metrics = state.metrics.clone();
+                    engine.reload_files(&mut |_| {
+                        metrics.policy_errors.inc();
+                    })
+                };
+                if changed {
+                    apply_policy(&state);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(poll) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        });
+    }
 
     // Datapath counters, gauges and the clock offset, once a second.
     {
@@ -280,10 +320,11 @@ fn reconcile(state: &NodeState, patterns: &InterfacePatterns) {
             }
         }
     }
-    let entries = endpoint_entries(&snap, node, &present);
-    if let Err(e) = dp.sync_endpoints(&entries) {
-        warn!(error = %e, "programming the endpoints map failed");
-    }
+    drop(dp);
+    apply_policy(state);
+    let Ok(dp) = state.datapath.lock() else {
+        return;
+    };
     let attached = dp.attached_interfaces();
     state.metrics.attached_interfaces.set(attached.len() as i64);
     let mut names = state.ifnames.write().unwrap_or_else(|p| p.into_inner());
@@ -292,27 +333,21 @@ fn reconcile(state: &NodeState, patterns: &InterfacePatterns) {
     }
 }
 
-/// ifindex -> endpoint for local endpoints whose interface exists. The endpoint id is the
-/// host-side ifindex: unique on the node for the endpoint's lifetime.
-fn endpoint_entries(
-    snap: &MetadataSnapshot,
-    node: &str,
-    present: &std::collections::BTreeMap<String, u32>,
-) -> Vec<(u32, EndpointValue)> {
-    snap.index
-        .local_endpoints(node)
-        .filter_map(|ep| {
-            let idx = *present.get(ep.interface.as_deref()?)?;
-            Some((
-                idx,
-                EndpointValue {
-                    endpoint_id: idx,
-                    identity: ep.identity.0,
-                    ingress_mode: enforcement::OFF,
-                    egress_mode: enforcement::OFF,
-                    _pad: [0; 6],
-                },
-            ))
-        })
-        .collect()
+/// Compile the policy set against the current metadata and program the datapath maps
+/// (ipcache, policy, endpoints) incrementally.
+pub fn apply_policy(state: &NodeState) {
+    let present = interfaces::list_interfaces();
+    let snap = state.metadata.current();
+    let (Ok(mut engine), Ok(mut dp)) = (state.policy.lock(), state.datapath.lock()) else {
+        return;
+    };
+    let started = std::time::Instant::now();
+    let ifindex_of = |name: &str| present.get(name).copied();
+    match engine.apply(&mut dp, &snap.index, &state.config.node_name, &ifindex_of) {
+        Ok(()) => {
+            state.metrics.policy_generation.set(i64::from(engine.generation));
+            tracing::debug!(took = ?started.elapsed(), generation = engine.generation, "policy programmed");
+        }
+        Err(e) => warn!(error = %e, "programming policy maps failed"),
+    }
 }

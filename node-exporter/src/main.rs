@@ -28,6 +28,12 @@ struct Args {
     /// Endpoint metadata YAML file (watched for changes).
     #[arg(long)]
     endpoints_file: Option<PathBuf>,
+    /// Directory of policy YAML files (watched for changes).
+    #[arg(long)]
+    policy_dir: Option<PathBuf>,
+    /// Node-wide policy enforcement mode.
+    #[arg(long, value_parser = ["enforce", "audit", "off"])]
+    policy_mode: Option<String>,
     /// BPF ring buffer size in bytes.
     #[arg(long)]
     ring_buffer_bytes: Option<u32>,
@@ -85,6 +91,16 @@ fn real_main() -> anyhow::Result<()> {
     }
     if let Some(v) = args.endpoints_file {
         config.endpoints_file = Some(v);
+    }
+    if let Some(v) = args.policy_dir {
+        config.policy_dir = Some(v);
+    }
+    if let Some(v) = args.policy_mode {
+        config.policy_mode = match v.as_str() {
+            "audit" => lumen_policy::EnforcementMode::Audit,
+            "off" => lumen_policy::EnforcementMode::Off,
+            _ => lumen_policy::EnforcementMode::Enforce,
+        };
     }
     if let Some(v) = args.ring_buffer_bytes {
         config.ring_buffer_bytes = v;

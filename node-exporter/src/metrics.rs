@@ -32,6 +32,9 @@ pub mod names {
     pub const ATTACHED_INTERFACES: &str = "lumen_attached_interfaces";
     pub const METADATA_RELOAD_ERRORS: &str = "lumen_metadata_reload_errors";
     pub const GRPC_CLIENTS: &str = "lumen_observer_clients";
+    pub const POLICY_RELOAD_ERRORS: &str = "lumen_policy_reload_errors";
+    pub const POLICY_GENERATION: &str = "lumen_policy_generation";
+    pub const POLICY_VERDICTS: &str = "lumen_datapath_policy_verdicts";
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -41,6 +44,11 @@ pub struct FlowLabels {
     pub subtype: &'static str,
     pub verdict: &'static str,
     pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabels {
+    pub verdict: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -83,6 +91,9 @@ pub struct Metrics {
     pub attached_interfaces: Gauge,
     pub metadata_errors: Counter,
     pub grpc_clients: Gauge,
+    pub policy_errors: Counter,
+    pub policy_generation: Gauge,
+    pub policy_verdicts: Family<VerdictLabels, Counter>,
     last_dp: Mutex<DatapathCounters>,
     /// Events lost in the kernel so far (mirrors the datapath counter for ServerStatus).
     pub kernel_lost: AtomicU64,
@@ -113,6 +124,9 @@ impl Metrics {
             attached_interfaces: Gauge::default(),
             metadata_errors: Counter::default(),
             grpc_clients: Gauge::default(),
+            policy_errors: Counter::default(),
+            policy_generation: Gauge::default(),
+            policy_verdicts: Family::default(),
             last_dp: Mutex::new(DatapathCounters::default()),
             kernel_lost: AtomicU64::new(0),
             queue_lost: AtomicU64::new(0),
@@ -138,6 +152,9 @@ impl Metrics {
             r.register(ATTACHED_INTERFACES, "Interfaces the datapath is attached to", m.attached_interfaces.clone());
             r.register(METADATA_RELOAD_ERRORS, "Rejected endpoint metadata reloads (last good kept)", m.metadata_errors.clone());
             r.register(GRPC_CLIENTS, "Observer clients streaming flows", m.grpc_clients.clone());
+            r.register(POLICY_RELOAD_ERRORS, "Rejected policy files (their last good policies kept)", m.policy_errors.clone());
+            r.register(POLICY_GENERATION, "Generation of the policy programmed in the datapath", m.policy_generation.clone());
+            r.register(POLICY_VERDICTS, "Packets the datapath dropped or audited by policy", m.policy_verdicts.clone());
         }
         Arc::new(m)
     }
@@ -156,6 +173,12 @@ impl Metrics {
             .get_or_create(&SourceLabels { source: lost_source::RING_BUFFER })
             .inc_by(d(now.ring_reserve_failed, last.ring_reserve_failed));
         self.ring_pending.set(now.ring_pending_bytes as i64);
+        self.policy_verdicts
+            .get_or_create(&VerdictLabels { verdict: "DROPPED" })
+            .inc_by(d(now.policy_dropped, last.policy_dropped));
+        self.policy_verdicts
+            .get_or_create(&VerdictLabels { verdict: "AUDIT" })
+            .inc_by(d(now.policy_audited, last.policy_audited));
         self.kernel_lost.store(now.ring_reserve_failed, Ordering::Relaxed);
         *last = now;
     }

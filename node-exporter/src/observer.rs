@@ -143,6 +143,8 @@ impl Query {
 struct Responder {
     state: Arc<NodeState>,
     ifnames: HashMap<u32, String>,
+    compiled: Arc<lumen_policy::compile::CompiledPolicy>,
+    policies: Arc<Vec<lumen_policy::Policy>>,
     tx: mpsc::Sender<Result<GetFlowsResponse, Status>>,
 }
 
@@ -155,6 +157,8 @@ impl Responder {
             &ConvertContext {
                 node_name: &self.state.config.node_name,
                 interface_name: &lookup,
+                compiled: &self.compiled,
+                policies: &self.policies,
             },
         )
     }
@@ -353,6 +357,8 @@ impl Observer for ObserverService {
         let responder = Responder {
             state: self.state.clone(),
             ifnames,
+            compiled: self.state.compiled_policy(),
+            policies: self.state.policies(),
             tx,
         };
         self.state.metrics.grpc_clients.inc();
@@ -432,6 +438,14 @@ impl Observer for ObserverService {
 }
 
 impl NodeState {
+    pub fn compiled_policy(&self) -> Arc<lumen_policy::compile::CompiledPolicy> {
+        self.compiled.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn policies(&self) -> Arc<Vec<lumen_policy::Policy>> {
+        self.policies.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     pub fn uptime_ns(&self) -> u64 {
         (clock::realtime_ns() - self.started_ns).max(0) as u64
     }

@@ -141,15 +141,20 @@ pub fn enrich(
         6 | 17 | 132 => (sport, dport),
         _ => (0, 0),
     };
+    // The peer is the side that is not the observing endpoint.
+    let endpoint_is_src = (ev.direction == lumen_datapath_common::direction::EGRESS) != reply;
+    let peer_identity = if endpoint_is_src { ev.dst_identity } else { ev.src_identity };
     StoredFlow {
         time_ns: clock.to_wall_ns(ev.ts_ns),
-        first_seen_ns: clock.to_wall_ns(ev.first_seen_ns),
         flow_id: ev.flow_id,
         orig_bytes: ev.orig_bytes,
         reply_bytes: ev.reply_bytes,
         orig_packets: saturate(ev.orig_packets),
         reply_packets: saturate(ev.reply_packets),
         handshake_rtt_ns: saturate(ev.handshake_rtt_ns),
+        age: crate::store::encode_age(ev.ts_ns.saturating_sub(ev.first_seen_ns)),
+        policy_rule_id: ev.policy_rule_id,
+        peer_identity,
         ifindex: ev.key.ifindex,
         src,
         dst,

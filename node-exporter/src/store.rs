@@ -19,8 +19,6 @@ use crate::metadata::EndpointRef;
 pub struct StoredFlow {
     /// Wall-clock time of the event, ns since the Unix epoch.
     pub time_ns: i64,
-    /// Wall-clock time of the connection's first packet.
-    pub first_seen_ns: i64,
     pub flow_id: u64,
     pub orig_bytes: u64,
     pub reply_bytes: u64,
@@ -28,6 +26,13 @@ pub struct StoredFlow {
     pub reply_packets: u32,
     /// Handshake RTT in ns (saturates at ~4.29 s), 0 = not measured.
     pub handshake_rtt_ns: u32,
+    /// Age of the connection at this event (time since its first packet), encoded by
+    /// [`encode_age`]: µs below 35 minutes, seconds above.
+    pub age: u32,
+    /// Policy rule that decided the verdict (index into the compiled rule table; 0 = none).
+    pub policy_rule_id: u32,
+    /// Identity of the connection's peer as the datapath resolved it (0 = not resolved).
+    pub peer_identity: u32,
     /// Host-side interface that observed the packet.
     pub ifindex: u32,
     /// Addresses of this packet (IPv4 mapped into IPv6 form).
@@ -56,6 +61,28 @@ pub struct StoredFlow {
 }
 
 const _: () = assert!(std::mem::size_of::<StoredFlow>() <= 128);
+
+const AGE_SECONDS: u32 = 0x8000_0000;
+
+/// Compact connection age: microseconds while they fit in 31 bits (about 35 minutes),
+/// then whole seconds with the top bit set.
+pub fn encode_age(ns: u64) -> u32 {
+    let us = ns / 1_000;
+    if us < u64::from(AGE_SECONDS) {
+        us as u32
+    } else {
+        AGE_SECONDS | (ns / 1_000_000_000).min(u64::from(AGE_SECONDS - 1)) as u32
+    }
+}
+
+/// Inverse of [`encode_age`], in ns.
+pub fn decode_age(v: u32) -> u64 {
+    if v & AGE_SECONDS != 0 {
+        u64::from(v & !AGE_SECONDS) * 1_000_000_000
+    } else {
+        u64::from(v) * 1_000
+    }
+}
 
 /// Bytes one stored flow costs in the ring (the struct; endpoint metadata is shared).
 pub const STORED_FLOW_BYTES: usize = std::mem::size_of::<StoredFlow>();
@@ -210,13 +237,15 @@ mod tests {
     fn flow(t: i64) -> StoredFlow {
         StoredFlow {
             time_ns: t,
-            first_seen_ns: t,
             flow_id: t as u64,
             orig_bytes: 0,
             reply_bytes: 0,
             orig_packets: 0,
             reply_packets: 0,
             handshake_rtt_ns: 0,
+            age: 0,
+            policy_rule_id: 0,
+            peer_identity: 0,
             ifindex: 0,
             src: [0; 16],
             dst: [0; 16],
@@ -238,6 +267,14 @@ mod tests {
             icmp_type: 0,
             icmp_code: 0,
         }
+    }
+
+    #[test]
+    fn ages_round_trip_with_documented_precision() {
+        assert_eq!(decode_age(encode_age(123_456_000)), 123_456_000);
+        assert_eq!(decode_age(encode_age(999)), 0);
+        let three_hours = 3 * 3600 * 1_000_000_000u64;
+        assert_eq!(decode_age(encode_age(three_hours + 5)), three_hours);
     }
 
     #[test]

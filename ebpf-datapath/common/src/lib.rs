@@ -18,6 +18,8 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const CONFIG: &str = "CONFIG";
     pub const ENDPOINTS: &str = "ENDPOINTS";
+    pub const IPCACHE: &str = "IPCACHE";
+    pub const POLICY: &str = "POLICY";
 }
 
 /// Program names in the eBPF object.
@@ -38,6 +40,10 @@ pub const DEFAULT_RING_BYTES: u32 = 8 * 1024 * 1024;
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 /// Maximum number of endpoints (interfaces) on one node.
 pub const MAX_ENDPOINTS: u32 = 16_384;
+/// Default size of the ipcache (IP/CIDR -> identity).
+pub const DEFAULT_IPCACHE_ENTRIES: u32 = 262_144;
+/// Default size of the policy map (all endpoints' entries).
+pub const DEFAULT_POLICY_ENTRIES: u32 = 1 << 20;
 
 /// Kinds of records in the ring buffer. Numeric values are stable.
 #[repr(u16)]
@@ -200,7 +206,8 @@ pub struct ConntrackEntry {
     pub policy_rule_id: u32,
     /// Policy generation the cached verdict was computed under.
     pub policy_generation: u32,
-    pub _pad: u32,
+    /// Identity of the peer of the connection (from the ipcache), cached with the verdict.
+    pub peer_identity: u32,
 }
 const _: () = assert!(size_of::<ConntrackEntry>() == 104);
 
@@ -280,13 +287,21 @@ pub enum Counter {
     /// Gauge, not a counter: bytes pending in the ring when this CPU last submitted
     /// (user space reports the maximum over CPUs as the ring's fill).
     RingPendingBytes = 9,
+    /// Packets dropped by policy.
+    PolicyDropped = 10,
+    /// Packets a policy in audit mode would have dropped (forwarded, reported AUDIT).
+    PolicyAudited = 11,
+    /// Drop reports not emitted because of the per-connection rate limit.
+    DropReportsSuppressed = 12,
+    /// Verdicts (re)computed from the policy map.
+    PolicyLookups = 13,
 }
 
 /// Number of slots in `COUNTERS`.
 pub const COUNTER_SLOTS: u32 = 16;
 
 /// Every counter, in slot order, for user space to iterate.
-pub const ALL_COUNTERS: [Counter; 10] = [
+pub const ALL_COUNTERS: [Counter; 14] = [
     Counter::PacketsSeen,
     Counter::EventsAttempted,
     Counter::EventsEmitted,
@@ -297,6 +312,10 @@ pub const ALL_COUNTERS: [Counter; 10] = [
     Counter::ParseErrors,
     Counter::BytesSeen,
     Counter::RingPendingBytes,
+    Counter::PolicyDropped,
+    Counter::PolicyAudited,
+    Counter::DropReportsSuppressed,
+    Counter::PolicyLookups,
 ];
 
 /// Monitor aggregation levels in [`DatapathConfig::aggregation`].
@@ -317,8 +336,14 @@ pub struct DatapathConfig {
     /// Force a consumer wakeup when the ring holds at least this many bytes; below it,
     /// records are submitted with BPF_RB_NO_WAKEUP and the reader drains on a timer.
     pub wakeup_watermark_bytes: u64,
+    /// Bumped by user space after every policy map change: conntrack entries with an older
+    /// generation re-evaluate their verdict on their next packet.
+    pub policy_generation: u32,
+    /// Minimum interval between two drop reports of one connection, ms (drops are always
+    /// counted).
+    pub drop_report_interval_ms: u32,
 }
-const _: () = assert!(size_of::<DatapathConfig>() == 24);
+const _: () = assert!(size_of::<DatapathConfig>() == 32);
 
 impl DatapathConfig {
     pub const DEFAULT: Self = Self {
@@ -326,6 +351,8 @@ impl DatapathConfig {
         initialized: 1,
         report_interval_ns: 5_000_000_000,
         wakeup_watermark_bytes: 256 * 1024,
+        policy_generation: 0,
+        drop_report_interval_ms: 1000,
     };
 }
 
@@ -335,12 +362,59 @@ impl Default for DatapathConfig {
     }
 }
 
-/// Policy enforcement modes of an endpoint direction.
-pub mod enforcement {
-    pub const OFF: u8 = 0;
-    pub const ENFORCE: u8 = 1;
-    pub const AUDIT: u8 = 2;
+/// Drop reasons (Hubble's numbering).
+pub mod drop_reason {
+    /// Default deny: selected by a policy, no rule allows.
+    pub const POLICY_DENIED: u8 = 133;
+    /// An explicit deny rule matched.
+    pub const POLICY_DENY: u8 = 181;
 }
+
+/// What the policy decides for one (endpoint, direction, peer, protocol, port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    /// Rule that decided (index into user space's rule table; 0 = none).
+    pub rule_id: u32,
+    /// Non-zero: deny.
+    pub deny: u8,
+    /// Non-zero (with `deny`): only report AUDIT, forward the packet.
+    pub audit: u8,
+    /// [`drop_reason`] of a deny.
+    pub reason: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<PolicyValue>() == 8);
+
+/// Data of a `POLICY` LPM-trie key. Bytes in prefix order: endpoint, direction, peer
+/// identity, protocol, destination port (all big-endian). Prefix lengths:
+/// [`POLICY_PREFIX_ANY_PROTO`] (peer, any protocol), [`POLICY_PREFIX_ANY_PORT`]
+/// (peer, protocol, any port), up to [`POLICY_PREFIX_FULL`] (ports as aligned blocks).
+/// Peer identity 0 is the wildcard peer, looked up second.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyKey {
+    pub endpoint: [u8; 4],
+    pub direction: u8,
+    pub peer: [u8; 4],
+    pub proto: u8,
+    pub dport: [u8; 2],
+}
+const _: () = assert!(size_of::<PolicyKey>() == 12);
+
+pub const POLICY_PREFIX_ANY_PROTO: u32 = 72;
+pub const POLICY_PREFIX_ANY_PORT: u32 = 80;
+pub const POLICY_PREFIX_FULL: u32 = 96;
+
+/// Value of the `IPCACHE` LPM trie (key data: IPv6 or IPv4-mapped address, 16 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpcacheValue {
+    pub identity: u32,
+    /// Reserved for endpoint flags (e.g. local endpoint); 0 today.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<IpcacheValue>() == 8);
 
 /// Value of the `ENDPOINTS` hash (key: ifindex u32).
 #[repr(C)]
@@ -348,13 +422,16 @@ pub mod enforcement {
 pub struct EndpointValue {
     pub endpoint_id: u32,
     pub identity: u32,
-    /// [`enforcement`] mode for traffic entering the endpoint.
-    pub ingress_mode: u8,
-    /// [`enforcement`] mode for traffic leaving the endpoint.
-    pub egress_mode: u8,
-    pub _pad: [u8; 6],
+    /// Non-zero when some policy selects the endpoint for traffic entering it.
+    pub ingress_enforced: u8,
+    /// Non-zero when some policy selects the endpoint for traffic leaving it.
+    pub egress_enforced: u8,
+    pub _pad: [u8; 2],
+    /// What a peer/port no policy entry matches gets, per direction.
+    pub ingress_default: PolicyValue,
+    pub egress_default: PolicyValue,
 }
-const _: () = assert!(size_of::<EndpointValue>() == 16);
+const _: () = assert!(size_of::<EndpointValue>() == 28);
 
 #[cfg(feature = "user")]
 mod user {
@@ -366,4 +443,7 @@ mod user {
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::DatapathConfig {}
     unsafe impl aya::Pod for super::EndpointValue {}
+    unsafe impl aya::Pod for super::PolicyValue {}
+    unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::IpcacheValue {}
 }

@@ -14,16 +14,18 @@ mod parse;
 use core::intrinsics::{atomic_or, atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
-    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::{classifier, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::TcContext,
 };
 use lumen_datapath_common::{
     direction, flow_flags, hook, tcp_flags, verdict, ConntrackEntry, Counter, DatapathConfig,
-    EndpointValue, EventHeader, EventKind, FlowEvent, FlowKey, FlowReason, ABI_VERSION,
-    AGGREGATION_NONE, COUNTER_SLOTS, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_RING_BYTES, MAX_ENDPOINTS,
+    EndpointValue, EventHeader, EventKind, FlowEvent, FlowKey, FlowReason, IpcacheValue,
+    PolicyKey, PolicyValue, ABI_VERSION, AGGREGATION_NONE, COUNTER_SLOTS,
+    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_IPCACHE_ENTRIES, DEFAULT_POLICY_ENTRIES,
+    DEFAULT_RING_BYTES, MAX_ENDPOINTS, POLICY_PREFIX_FULL,
 };
 
 use crate::parse::parse_packet;
@@ -47,6 +49,23 @@ static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 #[map(name = "ENDPOINTS")]
 static ENDPOINTS: HashMap<u32, EndpointValue> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
 
+/// IP (IPv4-mapped or IPv6) -> identity, longest prefix.
+#[map(name = "IPCACHE")]
+static IPCACHE: LpmTrie<[u8; 16], IpcacheValue> =
+    LpmTrie::with_max_entries(DEFAULT_IPCACHE_ENTRIES, 0);
+
+/// (endpoint, direction, peer, protocol, port prefix) -> verdict.
+#[map(name = "POLICY")]
+static POLICY: LpmTrie<PolicyKey, PolicyValue> =
+    LpmTrie::with_max_entries(DEFAULT_POLICY_ENTRIES, 0);
+
+/// Per-CPU scratch space for a conntrack entry (the BPF stack is only 512 bytes).
+#[map(name = "SCRATCH")]
+static SCRATCH: PerCpuArray<ConntrackEntry> = PerCpuArray::with_max_entries(1, 0);
+
+/// Reserved identity of addresses the ipcache does not know.
+const IDENTITY_WORLD: u32 = 2;
+
 #[classifier]
 pub fn lumen_from_endpoint(ctx: TcContext) -> i32 {
     observe(&ctx, hook::TC_INGRESS)
@@ -69,10 +88,12 @@ fn observe(ctx: &TcContext, hook: u8) -> i32 {
     count(Counter::PacketsSeen, 1);
     count(Counter::BytesSeen, u64::from(ctx.len()));
     match try_observe(ctx, hook) {
-        Ok(()) => {}
-        Err(counter) => count(counter, 1),
+        Ok(action) => action,
+        Err(counter) => {
+            count(counter, 1);
+            TC_ACT_UNSPEC
+        }
     }
-    TC_ACT_UNSPEC
 }
 
 #[inline(always)]
@@ -83,22 +104,82 @@ fn count(counter: Counter, n: u64) {
     }
 }
 
+static DEFAULT_CONFIG: DatapathConfig = DatapathConfig::DEFAULT;
+
 #[inline(always)]
-fn config() -> DatapathConfig {
+fn config() -> &'static DatapathConfig {
     match CONFIG.get(0) {
-        Some(c) if c.initialized != 0 => *c,
-        _ => DatapathConfig::DEFAULT,
+        Some(c) if c.initialized != 0 => c,
+        _ => &DEFAULT_CONFIG,
+    }
+}
+
+/// Identity of `addr` from the ipcache (longest prefix), world if unknown.
+#[inline(always)]
+fn identity_of(addr: &[u8; 16]) -> u32 {
+    match IPCACHE.get(Key::new(128, *addr)) {
+        Some(v) => v.identity,
+        None => IDENTITY_WORLD,
+    }
+}
+
+/// The policy verdict for a connection of endpoint `ep` in direction `dir` (relative to
+/// the endpoint) with `peer` on `proto`/`dport`. Lookup order (mirrors user space's
+/// reference, `DirectionPolicy::lookup`): (peer, proto, port) → (peer, any) by longest
+/// prefix, then the same for the wildcard peer 0, then the endpoint's default.
+#[inline(always)]
+fn decide(ep: &EndpointValue, dir: u8, peer: u32, proto: u8, dport: u16) -> PolicyValue {
+    let (enforced, default) = if dir == direction::INGRESS {
+        (ep.ingress_enforced, ep.ingress_default)
+    } else {
+        (ep.egress_enforced, ep.egress_default)
+    };
+    if enforced == 0 {
+        return PolicyValue::default();
+    }
+    count(Counter::PolicyLookups, 1);
+    let mut key = Key::new(
+        POLICY_PREFIX_FULL,
+        PolicyKey {
+            endpoint: ep.endpoint_id.to_be_bytes(),
+            direction: dir,
+            peer: peer.to_be_bytes(),
+            proto,
+            dport: dport.to_be_bytes(),
+        },
+    );
+    if let Some(v) = POLICY.get(&key) {
+        return *v;
+    }
+    key.data.peer = [0; 4];
+    if let Some(v) = POLICY.get(&key) {
+        return *v;
+    }
+    default
+}
+
+/// Verdict fields for a policy value.
+#[inline(always)]
+fn verdict_of(v: &PolicyValue) -> (u8, u8) {
+    if v.deny == 0 {
+        (verdict::FORWARDED, 0)
+    } else if v.audit != 0 {
+        (verdict::AUDIT, v.reason)
+    } else {
+        (verdict::DROPPED, v.reason)
     }
 }
 
 #[inline(always)]
-fn try_observe(ctx: &TcContext, hook: u8) -> Result<(), Counter> {
+fn try_observe(ctx: &TcContext, hook: u8) -> Result<i32, Counter> {
     let pkt = parse_packet(ctx)?;
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: reading a field of the context's __sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let len = ctx.len();
     let cfg = config();
+    // SAFETY: map value valid for the program run.
+    let ep: Option<&EndpointValue> = unsafe { ENDPOINTS.get(&ifindex) };
 
     // Packets leaving the endpoint hit TC ingress of its host-side interface.
     let pkt_dir = if hook == hook::TC_INGRESS {
@@ -121,37 +202,57 @@ fn try_observe(ctx: &TcContext, hook: u8) -> Result<(), Counter> {
     let mut reason: Option<FlowReason> = None;
     let mut is_reply = false;
     let mut no_ct = false;
+    let mut fresh_entry = false;
     let mut entry_ptr = CONNTRACK.get_ptr_mut(&key);
     if entry_ptr.is_none() {
-        let rev = FlowKey {
-            saddr: pkt.daddr,
-            daddr: pkt.saddr,
-            sport: pkt.dport,
-            dport: pkt.sport,
-            ..key
-        };
-        entry_ptr = CONNTRACK.get_ptr_mut(&rev);
+        // Try the reverse orientation: this packet may be a reply.
+        key.saddr = pkt.daddr;
+        key.daddr = pkt.saddr;
+        key.sport = pkt.dport;
+        key.dport = pkt.sport;
+        entry_ptr = CONNTRACK.get_ptr_mut(&key);
         if entry_ptr.is_some() {
             is_reply = true;
-            key = rev;
+        } else {
+            key.saddr = pkt.saddr;
+            key.daddr = pkt.daddr;
+            key.sport = pkt.sport;
+            key.dport = pkt.dport;
         }
     }
+    // The per-CPU scratch entry serves as the new entry to insert and, if conntrack is
+    // full, as the stand-in entry for this packet alone.
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Err(Counter::ParseErrors);
+    };
+    // SAFETY: this CPU's scratch slot, exclusively ours for the program run.
+    let scratch = unsafe { &mut *scratch };
     if entry_ptr.is_none() {
-        let flow_id = (u64::from(unsafe { bpf_get_prandom_u32() }) << 32)
+        scratch.first_seen_ns = now;
+        scratch.last_seen_ns = now;
+        scratch.last_report_ns = now;
+        scratch.syn_ns = 0;
+        scratch.handshake_rtt_ns = 0;
+        scratch.orig_packets = 0;
+        scratch.orig_bytes = 0;
+        scratch.reply_packets = 0;
+        scratch.reply_bytes = 0;
+        scratch.tcp_flags_seen = 0;
+        scratch.direction = pkt_dir;
+        scratch.closed = 0;
+        scratch.verdict = verdict::FORWARDED;
+        scratch.drop_reason = 0;
+        scratch.policy_rule_id = 0;
+        // Forces a policy decision below.
+        scratch.policy_generation = cfg.policy_generation.wrapping_add(1);
+        scratch.peer_identity = 0;
+        scratch.flow_id = (u64::from(unsafe { bpf_get_prandom_u32() }) << 32)
             | u64::from(unsafe { bpf_get_prandom_u32() });
-        let fresh = ConntrackEntry {
-            first_seen_ns: now,
-            last_seen_ns: now,
-            last_report_ns: now,
-            flow_id,
-            direction: pkt_dir,
-            verdict: verdict::FORWARDED,
-            ..ConntrackEntry::default()
-        };
         // BPF_NOEXIST: if another CPU created it meanwhile, use theirs.
-        if CONNTRACK.insert(&key, &fresh, 1).is_ok() {
+        if CONNTRACK.insert(&key, &*scratch, 1).is_ok() {
             count(Counter::ConntrackCreated, 1);
             reason = Some(FlowReason::New);
+            fresh_entry = true;
         }
         entry_ptr = CONNTRACK.get_ptr_mut(&key);
         if entry_ptr.is_none() {
@@ -160,17 +261,32 @@ fn try_observe(ctx: &TcContext, hook: u8) -> Result<(), Counter> {
         }
     }
 
-    let mut ev_entry = ConntrackEntry {
-        first_seen_ns: now,
-        direction: pkt_dir,
-        verdict: verdict::FORWARDED,
-        ..ConntrackEntry::default()
-    };
+    let ev_entry: &ConntrackEntry;
     if let Some(e) = entry_ptr {
         // SAFETY: pointer into the LRU map value, valid for this program run; shared
         // counters are updated atomically because both directions of a connection can run
         // on different CPUs at once.
         let e = unsafe { &mut *e };
+        // Verdict: decided when the connection starts and re-decided when the policy
+        // changed since; replies follow their connection's verdict (stateful).
+        if e.policy_generation != cfg.policy_generation {
+            let peer_addr = if e.direction == direction::EGRESS {
+                &key.daddr
+            } else {
+                &key.saddr
+            };
+            let peer = identity_of(peer_addr);
+            let v = match ep {
+                Some(ep) => decide(ep, e.direction, peer, key.proto, key.dport),
+                None => PolicyValue::default(),
+            };
+            let (vd, why) = verdict_of(&v);
+            e.verdict = vd;
+            e.drop_reason = why;
+            e.policy_rule_id = v.rule_id;
+            e.peer_identity = peer;
+            e.policy_generation = cfg.policy_generation;
+        }
         unsafe {
             if is_reply {
                 add_u64(&mut e.reply_packets, 1);
@@ -182,67 +298,115 @@ fn try_observe(ctx: &TcContext, hook: u8) -> Result<(), Counter> {
         }
         e.last_seen_ns = now;
 
-        if pkt.proto == 6 {
-            let flags = pkt.tcp_flags;
-            let shift = if is_reply { 8 } else { 0 };
-            let bits = u64::from(flags) << shift;
-            let old = unsafe { or_u64(&mut e.tcp_flags_seen, bits) };
-            let seen = old | bits;
-            if !is_reply && flags & tcp_flags::SYN != 0 && flags & tcp_flags::ACK == 0 {
-                e.syn_ns = now;
+        if e.verdict == verdict::DROPPED {
+            count(Counter::PolicyDropped, 1);
+            let interval = u64::from(cfg.drop_report_interval_ms) * 1_000_000;
+            if fresh_entry || now.wrapping_sub(e.last_report_ns) >= interval {
+                reason = Some(FlowReason::Drop);
+                e.last_report_ns = now;
+            } else {
+                reason = None;
+                count(Counter::DropReportsSuppressed, 1);
             }
-            if is_reply
-                && flags & (tcp_flags::SYN | tcp_flags::ACK) == (tcp_flags::SYN | tcp_flags::ACK)
-                && e.handshake_rtt_ns == 0
-                && e.syn_ns != 0
-            {
-                e.handshake_rtt_ns = now - e.syn_ns;
+        } else {
+            if e.verdict == verdict::AUDIT {
+                count(Counter::PolicyAudited, 1);
             }
-            let was_closed = e.closed != 0;
-            let fin_both = seen & u64::from(tcp_flags::FIN) != 0
-                && seen & (u64::from(tcp_flags::FIN) << 8) != 0;
-            if flags & tcp_flags::RST != 0 || fin_both {
-                e.closed = 1;
-            }
-            if reason.is_none() {
-                if e.closed != 0 && (was_closed || old & bits != bits) {
-                    reason = Some(FlowReason::Close);
-                } else if old & bits != bits {
-                    reason = Some(FlowReason::TcpFlags);
+            if pkt.proto == 6 {
+                let flags = pkt.tcp_flags;
+                let shift = if is_reply { 8 } else { 0 };
+                let bits = u64::from(flags) << shift;
+                let old = unsafe { or_u64(&mut e.tcp_flags_seen, bits) };
+                let seen = old | bits;
+                if !is_reply && flags & tcp_flags::SYN != 0 && flags & tcp_flags::ACK == 0 {
+                    e.syn_ns = now;
+                }
+                if is_reply
+                    && flags & (tcp_flags::SYN | tcp_flags::ACK) == (tcp_flags::SYN | tcp_flags::ACK)
+                    && e.handshake_rtt_ns == 0
+                    && e.syn_ns != 0
+                {
+                    e.handshake_rtt_ns = now - e.syn_ns;
+                }
+                let was_closed = e.closed != 0;
+                let fin_both = seen & u64::from(tcp_flags::FIN) != 0
+                    && seen & (u64::from(tcp_flags::FIN) << 8) != 0;
+                if flags & tcp_flags::RST != 0 || fin_both {
+                    e.closed = 1;
+                }
+                if reason.is_none() {
+                    if e.closed != 0 && (was_closed || old & bits != bits) {
+                        reason = Some(FlowReason::Close);
+                    } else if old & bits != bits {
+                        reason = Some(FlowReason::TcpFlags);
+                    }
                 }
             }
+            if reason.is_none() && now.wrapping_sub(e.last_report_ns) >= cfg.report_interval_ns {
+                reason = Some(FlowReason::Update);
+            }
+            if reason.is_none() && cfg.aggregation == AGGREGATION_NONE {
+                reason = Some(FlowReason::Packet);
+            }
+            if reason.is_some() {
+                e.last_report_ns = now;
+            }
         }
-        if reason.is_none() && now.wrapping_sub(e.last_report_ns) >= cfg.report_interval_ns {
-            reason = Some(FlowReason::Update);
-        }
-        if reason.is_none() && cfg.aggregation == AGGREGATION_NONE {
-            reason = Some(FlowReason::Packet);
-        }
-        if reason.is_some() {
-            e.last_report_ns = now;
-        }
-        ev_entry = *e;
-    } else if no_ct {
-        reason = Some(FlowReason::New);
-        if is_reply {
-            ev_entry.reply_packets = 1;
-            ev_entry.reply_bytes = u64::from(len);
+        ev_entry = e;
+    } else {
+        // No conntrack slot: decide for this packet alone.
+        let peer_addr = if pkt_dir == direction::EGRESS {
+            &key.daddr
         } else {
-            ev_entry.orig_packets = 1;
-            ev_entry.orig_bytes = u64::from(len);
-        }
+            &key.saddr
+        };
+        let peer = identity_of(peer_addr);
+        let v = match ep {
+            Some(ep) => decide(ep, pkt_dir, peer, pkt.proto, pkt.dport),
+            None => PolicyValue::default(),
+        };
+        let (vd, why) = verdict_of(&v);
+        scratch.verdict = vd;
+        scratch.drop_reason = why;
+        scratch.policy_rule_id = v.rule_id;
+        scratch.peer_identity = peer;
+        reason = Some(if vd == verdict::DROPPED {
+            count(Counter::PolicyDropped, 1);
+            FlowReason::Drop
+        } else {
+            FlowReason::New
+        });
+        scratch.orig_packets = 1;
+        scratch.orig_bytes = u64::from(len);
+        ev_entry = scratch;
+    }
+    let action = if ev_entry.verdict == verdict::DROPPED {
+        TC_ACT_SHOT
+    } else {
+        TC_ACT_UNSPEC
+    };
+    if fresh_entry && ev_entry.verdict == verdict::DROPPED {
+        reason = Some(FlowReason::Drop);
     }
 
     let Some(reason) = reason else {
-        return Ok(());
+        return Ok(action);
     };
     count(Counter::EventsAttempted, 1);
     let Some(mut slot) = EVENTS.reserve::<FlowEvent>(0) else {
-        return Err(Counter::RingReserveFailed);
+        count(Counter::RingReserveFailed, 1);
+        return Ok(action);
     };
-    let endpoint_id = match unsafe { ENDPOINTS.get(&ifindex) } {
-        Some(ep) => ep.endpoint_id,
-        None => 0,
+    let (endpoint_id, ep_identity) = match ep {
+        Some(ep) => (ep.endpoint_id, ep.identity),
+        None => (0, 0),
+    };
+    // Identities of this packet's source and destination.
+    let endpoint_is_src = (ev_entry.direction == direction::EGRESS) != is_reply;
+    let (src_identity, dst_identity) = if endpoint_is_src {
+        (ep_identity, ev_entry.peer_identity)
+    } else {
+        (ev_entry.peer_identity, ep_identity)
     };
     let mut flags = pkt.flags;
     if is_reply {
@@ -251,40 +415,44 @@ fn try_observe(ctx: &TcContext, hook: u8) -> Result<(), Counter> {
     if no_ct {
         flags |= flow_flags::NO_CONNTRACK;
     }
-    slot.write(FlowEvent {
-        header: EventHeader {
+    // Fill the reserved record in place (a FlowEvent on the stack would not fit).
+    let ev: *mut FlowEvent = slot.as_mut_ptr();
+    // SAFETY: `ev` points to a reserved, exclusively owned ring buffer record of the right
+    // size; every field is written before submit.
+    unsafe {
+        (*ev).header = EventHeader {
             version: ABI_VERSION,
             kind: EventKind::Flow as u16,
             len: core::mem::size_of::<FlowEvent>() as u32,
-        },
-        ts_ns: now,
-        first_seen_ns: ev_entry.first_seen_ns,
-        key,
-        _pad0: 0,
-        orig_packets: ev_entry.orig_packets,
-        orig_bytes: ev_entry.orig_bytes,
-        reply_packets: ev_entry.reply_packets,
-        reply_bytes: ev_entry.reply_bytes,
-        handshake_rtt_ns: ev_entry.handshake_rtt_ns,
-        flow_id: ev_entry.flow_id,
-        packet_len: len,
-        endpoint_id,
-        src_identity: 0,
-        dst_identity: 0,
-        policy_rule_id: ev_entry.policy_rule_id,
-        reason: reason as u8,
-        verdict: ev_entry.verdict,
-        drop_reason: ev_entry.drop_reason,
-        direction: ev_entry.direction,
-        flags,
-        tcp_flags: pkt.tcp_flags,
-        orig_tcp_flags: (ev_entry.tcp_flags_seen & 0xff) as u8,
-        reply_tcp_flags: ((ev_entry.tcp_flags_seen >> 8) & 0xff) as u8,
-        icmp_type: pkt.icmp_type,
-        icmp_code: pkt.icmp_code,
-        hook,
-        _pad: [0; 1],
-    });
+        };
+        (*ev).ts_ns = now;
+        (*ev).first_seen_ns = ev_entry.first_seen_ns;
+        (*ev).key = key;
+        (*ev)._pad0 = 0;
+        (*ev).orig_packets = ev_entry.orig_packets;
+        (*ev).orig_bytes = ev_entry.orig_bytes;
+        (*ev).reply_packets = ev_entry.reply_packets;
+        (*ev).reply_bytes = ev_entry.reply_bytes;
+        (*ev).handshake_rtt_ns = ev_entry.handshake_rtt_ns;
+        (*ev).flow_id = ev_entry.flow_id;
+        (*ev).packet_len = len;
+        (*ev).endpoint_id = endpoint_id;
+        (*ev).src_identity = src_identity;
+        (*ev).dst_identity = dst_identity;
+        (*ev).policy_rule_id = ev_entry.policy_rule_id;
+        (*ev).reason = reason as u8;
+        (*ev).verdict = ev_entry.verdict;
+        (*ev).drop_reason = ev_entry.drop_reason;
+        (*ev).direction = ev_entry.direction;
+        (*ev).flags = flags;
+        (*ev).tcp_flags = pkt.tcp_flags;
+        (*ev).orig_tcp_flags = (ev_entry.tcp_flags_seen & 0xff) as u8;
+        (*ev).reply_tcp_flags = ((ev_entry.tcp_flags_seen >> 8) & 0xff) as u8;
+        (*ev).icmp_type = pkt.icmp_type;
+        (*ev).icmp_code = pkt.icmp_code;
+        (*ev).hook = hook;
+        (*ev)._pad = [0; 1];
+    }
     let pending = EVENTS.query(BPF_RB_AVAIL_DATA);
     if let Some(slot) = COUNTERS.get_ptr_mut(Counter::RingPendingBytes as u32) {
         // SAFETY: per-CPU slot of this CPU.
@@ -297,7 +465,7 @@ fn try_observe(ctx: &TcContext, hook: u8) -> Result<(), Counter> {
     };
     slot.submit(u64::from(wake));
     count(Counter::EventsEmitted, 1);
-    Ok(())
+    Ok(action)
 }
 
 /// Atomic add (BPF_ATOMIC_ADD) on a map value field.
