@@ -21,10 +21,13 @@ fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR is not set")?);
     std::fs::write(out_dir.join("lumen_descriptor.bin"), fds.encode_to_vec())
         .context("writing the descriptor set")?;
+    let mut config = tonic_prost_build::Config::new();
+    // `prost::Name` impls give every message its full proto name (JSON, masks).
+    config.enable_type_names();
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .compile_fds(fds)
+        .compile_fds_with_config(fds, config)
         .context("generating Rust code from the descriptor set")?;
     Ok(())
 }

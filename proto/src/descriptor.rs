@@ -7,7 +7,8 @@ use prost_reflect::{DescriptorPool, MessageDescriptor};
 
 /// Encoded `google.protobuf.FileDescriptorSet` of flow, relay and observer
 /// protos and the well-known types they import.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/lumen_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/lumen_descriptor.bin"));
 
 /// Reflection pool over [`FILE_DESCRIPTOR_SET`].
 pub fn pool() -> &'static DescriptorPool {

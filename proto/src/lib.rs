@@ -23,3 +23,11 @@ mod generated {
 pub use generated::{flow, observer, relay};
 
 pub mod descriptor;
+pub mod event_type;
+pub mod field_mask;
+pub mod filter;
+pub mod format;
+pub mod json;
+
+#[cfg(test)]
+mod tests;

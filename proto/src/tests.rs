@@ -1,0 +1,341 @@
+//! JSON, field-mask and format tests over the generated types.
+
+use crate::field_mask::FlowFieldMask;
+use crate::flow::*;
+use crate::format::{self, FormatOptions, OutputFormat, Printer};
+use crate::json::{self, JsonNames};
+use crate::observer::{get_flows_response::ResponseTypes, GetFlowsResponse};
+
+/// 2024-05-01T12:34:56.789012345Z
+fn ts() -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: 1_714_566_896,
+        nanos: 789_012_345,
+    }
+}
+
+fn close_flow() -> Flow {
+    Flow {
+        time: Some(ts()),
+        uuid: "f-1".into(),
+        verdict: Verdict::Forwarded as i32,
+        ip: Some(Ip {
+            source: "10.0.1.5".into(),
+            destination: "10.0.2.7".into(),
+            ip_version: IpVersion::IPv4 as i32,
+            encrypted: false,
+        }),
+        l4: Some(Layer4 {
+            protocol: Some(layer4::Protocol::Tcp(Tcp {
+                source_port: 43210,
+                destination_port: 5432,
+                flags: Some(TcpFlags {
+                    fin: true,
+                    ack: true,
+                    ..Default::default()
+                }),
+            })),
+        }),
+        source: Some(Endpoint {
+            id: 12,
+            identity: 1234,
+            namespace: "prod".into(),
+            labels: vec!["k8s:app=web".into()],
+            pod_name: "web-1".into(),
+            workloads: vec![],
+        }),
+        destination: Some(Endpoint {
+            identity: 5678,
+            namespace: "prod".into(),
+            pod_name: "db-0".into(),
+            ..Default::default()
+        }),
+        r#type: FlowType::L3L4 as i32,
+        node_name: "node-1".into(),
+        event_type: Some(CiliumEventType {
+            r#type: 4,
+            sub_type: 0,
+        }),
+        traffic_direction: TrafficDirection::Egress as i32,
+        trace_observation_point: TraceObservationPoint::ToEndpoint as i32,
+        is_reply: Some(false),
+        socket_cookie: 1 << 40,
+        egress_allowed_by: vec![Policy {
+            name: "allow-db".into(),
+            namespace: "prod".into(),
+            ..Default::default()
+        }],
+        lumen_event_kind: LumenEventKind::FlowClose as i32,
+        counters: Some(FlowCounters {
+            orig_packets: 10,
+            orig_bytes: 1200,
+            reply_packets: 8,
+            reply_bytes: 4096,
+        }),
+        handshake_rtt: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 1_500_000,
+        }),
+        flow_duration: Some(prost_types::Duration {
+            seconds: 3,
+            nanos: 400_000_000,
+        }),
+        flow_id: 77,
+        first_seen: Some(prost_types::Timestamp {
+            seconds: 1_714_566_893,
+            nanos: 0,
+        }),
+        tcp_flags_seen: Some(TcpFlags {
+            syn: true,
+            ack: true,
+            fin: true,
+            ..Default::default()
+        }),
+        packet_length: 66,
+        ..Default::default()
+    }
+}
+
+fn response(flow: Flow) -> GetFlowsResponse {
+    GetFlowsResponse {
+        node_name: flow.node_name.clone(),
+        time: flow.time,
+        response_types: Some(ResponseTypes::Flow(flow)),
+    }
+}
+
+#[test]
+fn json_uses_hubble_field_names_and_proto3_mapping() {
+    let v = json::to_value(&response(close_flow()), JsonNames::Proto).expect("encodes");
+    let f = &v["flow"];
+    assert_eq!(v["node_name"], "node-1");
+    assert_eq!(v["time"], "2024-05-01T12:34:56.789012345Z");
+    assert_eq!(f["time"], "2024-05-01T12:34:56.789012345Z");
+    assert_eq!(f["verdict"], "FORWARDED");
+    assert_eq!(f["Type"], "L3_L4");
+    assert_eq!(f["IP"]["ipVersion"], "IPv4");
+    assert_eq!(f["IP"]["source"], "10.0.1.5");
+    assert_eq!(f["l4"]["TCP"]["destination_port"], 5432);
+    assert_eq!(f["l4"]["TCP"]["flags"]["FIN"], true);
+    assert_eq!(f["source"]["pod_name"], "web-1");
+    assert_eq!(f["source"]["ID"], 12);
+    assert_eq!(f["event_type"]["type"], 4);
+    assert_eq!(f["traffic_direction"], "EGRESS");
+    assert_eq!(f["trace_observation_point"], "TO_ENDPOINT");
+    assert_eq!(f["is_reply"], false);
+    // 64-bit integers are strings in proto3 JSON.
+    assert_eq!(f["socket_cookie"], "1099511627776");
+    assert_eq!(f["egress_allowed_by"][0]["name"], "allow-db");
+    assert_eq!(f["lumen_event_kind"], "FLOW_CLOSE");
+    assert_eq!(f["counters"]["orig_packets"], "10");
+    assert_eq!(f["handshake_rtt"], "0.001500s");
+    assert_eq!(f["flow_duration"], "3.400s");
+    assert_eq!(f["first_seen"], "2024-05-01T12:34:53Z");
+    assert_eq!(f["flow_id"], "77");
+    // Default values are omitted.
+    assert!(f.get("drop_reason_desc").is_none());
+    assert!(f.get("destination").and_then(|d| d.get("ID")).is_none());
+}
+
+#[test]
+fn json_lower_camel_names() {
+    let v = json::to_value(&close_flow(), JsonNames::LowerCamel).expect("encodes");
+    assert_eq!(v["l4"]["TCP"]["destinationPort"], 5432);
+    assert_eq!(v["source"]["podName"], "web-1");
+    assert_eq!(v["nodeName"], "node-1");
+    assert_eq!(v["lumenEventKind"], "FLOW_CLOSE");
+}
+
+#[test]
+fn json_round_trips_in_both_styles() {
+    let resp = response(close_flow());
+    for names in [JsonNames::Proto, JsonNames::LowerCamel] {
+        let s = json::to_string(&resp, names).expect("encodes");
+        assert!(!s.contains('\n'));
+        let back: GetFlowsResponse = json::from_str(&s).expect("decodes");
+        assert_eq!(back, resp);
+    }
+    let lost = GetFlowsResponse {
+        response_types: Some(ResponseTypes::LostEvents(LostEvent {
+            source: LostEventSource::PerfEventRingBuffer as i32,
+            num_events_lost: 5,
+            cpu: Some(1),
+        })),
+        ..Default::default()
+    };
+    let s = json::to_string(&lost, JsonNames::Proto).expect("encodes");
+    assert_eq!(
+        s,
+        r#"{"lost_events":{"source":"PERF_EVENT_RING_BUFFER","num_events_lost":"5","cpu":1}}"#
+    );
+    assert!(json::from_str::<Flow>("{\"verdict\": 12.5}").is_err());
+}
+
+#[test]
+fn field_mask_keeps_only_listed_paths() {
+    let mask = FlowFieldMask::compile(&[
+        "time",
+        "verdict",
+        "source.pod_name",
+        "l4.TCP.destination_port",
+    ])
+    .expect("valid")
+    .expect("non-empty");
+    let f = mask.apply(&close_flow());
+    assert_eq!(f.time, Some(ts()));
+    assert_eq!(f.verdict, Verdict::Forwarded as i32);
+    let src = f.source.expect("source kept");
+    assert_eq!(src.pod_name, "web-1");
+    assert_eq!(src.namespace, "");
+    assert!(f.destination.is_none() && f.ip.is_none() && f.counters.is_none());
+    match f.l4.and_then(|l| l.protocol) {
+        Some(layer4::Protocol::Tcp(t)) => {
+            assert_eq!(t.destination_port, 5432);
+            assert_eq!(t.source_port, 0);
+            assert!(t.flags.is_none());
+        }
+        other => panic!("expected TCP, got {other:?}"),
+    }
+    assert!(FlowFieldMask::compile::<&str>(&[])
+        .expect("valid")
+        .is_none());
+}
+
+#[test]
+fn field_mask_rejects_unknown_paths() {
+    for bad in ["nope", "source.nope", "verdict.x", "source.labels.x", ""] {
+        let err = FlowFieldMask::compile(&[bad]).expect_err(bad);
+        assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
+    }
+}
+
+#[test]
+fn compact_line() {
+    let line = format::compact(&close_flow(), &FormatOptions::default());
+    assert_eq!(
+        line,
+        "May  1 12:34:56.789: prod/web-1:43210 (ID:1234) -> prod/db-0:5432 (ID:5678) to-endpoint FORWARDED \
+         (TCP Flags: FIN, ACK) lumen:close rtt=1.5ms dur=3.40s pkts=10/8 bytes=1.2KiB/4.0KiB \
+         egress-allowed-by:prod/allow-db"
+    );
+    let with_node = format::compact(
+        &close_flow(),
+        &FormatOptions {
+            node_name: true,
+            ..Default::default()
+        },
+    );
+    assert!(
+        with_node.starts_with("May  1 12:34:56.789 [node-1]: prod/web-1:43210"),
+        "{with_node}"
+    );
+}
+
+#[test]
+fn compact_drop_reply_and_world() {
+    let drop = Flow {
+        time: Some(ts()),
+        verdict: Verdict::Dropped as i32,
+        drop_reason_desc: DropReason::PolicyDenied as i32,
+        event_type: Some(CiliumEventType {
+            r#type: crate::event_type::DROP,
+            sub_type: 133,
+        }),
+        ip: Some(Ip {
+            source: "2001:db8::1".into(),
+            destination: "10.0.2.7".into(),
+            ..Default::default()
+        }),
+        l4: Some(Layer4 {
+            protocol: Some(layer4::Protocol::Udp(Udp {
+                source_port: 5353,
+                destination_port: 53,
+            })),
+        }),
+        source: Some(Endpoint {
+            identity: 2,
+            ..Default::default()
+        }),
+        ingress_denied_by: vec![Policy {
+            name: "deny-world".into(),
+            namespace: "prod".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    assert_eq!(
+        format::compact(&drop, &FormatOptions::default()),
+        "May  1 12:34:56.789: [2001:db8::1]:5353 (world) <> 10.0.2.7:53 Policy denied DROPPED (UDP) \
+         ingress-denied-by:prod/deny-world"
+    );
+    let mut reply = close_flow();
+    reply.is_reply = Some(true);
+    reply.lumen_event_kind = 0;
+    reply.egress_allowed_by.clear();
+    reply.handshake_rtt = None;
+    let line = format::compact(&reply, &FormatOptions::default());
+    assert!(
+        line.contains(": prod/db-0:5432 (ID:5678) <- prod/web-1:43210 (ID:1234) "),
+        "{line}"
+    );
+}
+
+#[test]
+fn every_format_prints_lost_events_and_node_status() {
+    let lost = GetFlowsResponse {
+        node_name: "node-1".into(),
+        time: Some(ts()),
+        response_types: Some(ResponseTypes::LostEvents(LostEvent {
+            source: LostEventSource::HubbleRingBuffer as i32,
+            num_events_lost: 42,
+            cpu: None,
+        })),
+    };
+    let status = GetFlowsResponse {
+        time: Some(ts()),
+        response_types: Some(ResponseTypes::NodeStatus(crate::relay::NodeStatusEvent {
+            state_change: crate::relay::NodeState::NodeUnavailable as i32,
+            node_names: vec!["node-2".into()],
+            message: "connection refused".into(),
+        })),
+        ..Default::default()
+    };
+    for fmt in [
+        OutputFormat::Compact,
+        OutputFormat::Table,
+        OutputFormat::Dict,
+        OutputFormat::Json,
+    ] {
+        let mut p = Printer::new(Vec::new(), fmt, FormatOptions::default());
+        p.write_response(&response(close_flow())).expect("writes");
+        p.write_response(&lost).expect("writes");
+        p.write_response(&status).expect("writes");
+        let out = String::from_utf8(p.into_inner()).expect("utf-8");
+        assert!(
+            out.contains("HUBBLE_RING_BUFFER") && out.contains("42"),
+            "{fmt:?}: {out}"
+        );
+        assert!(
+            out.contains("NODE_UNAVAILABLE") && out.contains("node-2"),
+            "{fmt:?}: {out}"
+        );
+        assert!(
+            out.contains("prod/web-1") || fmt == OutputFormat::Json,
+            "{fmt:?}: {out}"
+        );
+        if fmt == OutputFormat::Json {
+            assert_eq!(out.lines().count(), 3);
+            for line in out.lines() {
+                serde_json::from_str::<serde_json::Value>(line).expect("each line is JSON");
+            }
+        }
+        if fmt == OutputFormat::Table {
+            assert!(out.starts_with("TIMESTAMP"), "{out}");
+        }
+        if fmt == OutputFormat::Dict {
+            assert!(out.contains("  TIMESTAMP: May  1 12:34:56.789"), "{out}");
+            assert!(out.contains("------------"), "{out}");
+            assert!(out.contains("HANDSHAKE RTT: 1.5ms"), "{out}");
+        }
+    }
+}
