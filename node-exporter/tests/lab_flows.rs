@@ -375,7 +375,7 @@ fn observe_filters_outputs_and_follow() {
     assert!(none.is_empty());
 
     for fmt in ["compact", "table", "dict"] {
-        let out = lumen(&["observe", "--server", &srv, "--last", "5", "-o", fmt]);
+        let out = lumen(&["observe", "--server", &srv, "--last", "5", "--from-pod", "lab/cli", "-o", fmt]);
         assert!(out.status.success(), "{fmt}: {}", String::from_utf8_lossy(&out.stderr));
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("cli") || text.contains("web"), "{fmt} output names pods: {text}");

@@ -178,8 +178,10 @@ fn try_observe(ctx: &TcContext, hook: u8) -> Result<i32, Counter> {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let len = ctx.len();
     let cfg = config();
+    // The endpoint is looked up only when a verdict is decided or an event is written,
+    // keeping it off the established-flow path.
     // SAFETY: map value valid for the program run.
-    let ep: Option<&EndpointValue> = unsafe { ENDPOINTS.get(&ifindex) };
+    let endpoint = || -> Option<&'static EndpointValue> { unsafe { ENDPOINTS.get(&ifindex) } };
 
     // Packets leaving the endpoint hit TC ingress of its host-side interface.
     let pkt_dir = if hook == hook::TC_INGRESS {
@@ -228,6 +230,7 @@ fn try_observe(ctx: &TcContext, hook: u8) -> Result<i32, Counter> {
     // SAFETY: this CPU's scratch slot, exclusively ours for the program run.
     let scratch = unsafe { &mut *scratch };
     if entry_ptr.is_none() {
+        // (The scratch slot is only touched on this path and the no-conntrack path.)
         scratch.first_seen_ns = now;
         scratch.last_seen_ns = now;
         scratch.last_report_ns = now;
@@ -276,7 +279,7 @@ fn try_observe(ctx: &TcContext, hook: u8) -> Result<i32, Counter> {
                 &key.saddr
             };
             let peer = identity_of(peer_addr);
-            let v = match ep {
+            let v = match endpoint() {
                 Some(ep) => decide(ep, e.direction, peer, key.proto, key.dport),
                 None => PolicyValue::default(),
             };
@@ -316,7 +319,13 @@ fn try_observe(ctx: &TcContext, hook: u8) -> Result<i32, Counter> {
                 let flags = pkt.tcp_flags;
                 let shift = if is_reply { 8 } else { 0 };
                 let bits = u64::from(flags) << shift;
-                let old = unsafe { or_u64(&mut e.tcp_flags_seen, bits) };
+                // Atomic only when this packet brings a flag not seen yet in its direction.
+                let seen_now = e.tcp_flags_seen;
+                let old = if seen_now & bits == bits {
+                    seen_now
+                } else {
+                    unsafe { or_u64(&mut e.tcp_flags_seen, bits) }
+                };
                 let seen = old | bits;
                 if !is_reply && flags & tcp_flags::SYN != 0 && flags & tcp_flags::ACK == 0 {
                     e.syn_ns = now;
@@ -361,7 +370,7 @@ fn try_observe(ctx: &TcContext, hook: u8) -> Result<i32, Counter> {
             &key.saddr
         };
         let peer = identity_of(peer_addr);
-        let v = match ep {
+        let v = match endpoint() {
             Some(ep) => decide(ep, pkt_dir, peer, pkt.proto, pkt.dport),
             None => PolicyValue::default(),
         };
@@ -397,7 +406,7 @@ fn try_observe(ctx: &TcContext, hook: u8) -> Result<i32, Counter> {
         count(Counter::RingReserveFailed, 1);
         return Ok(action);
     };
-    let (endpoint_id, ep_identity) = match ep {
+    let (endpoint_id, ep_identity) = match endpoint() {
         Some(ep) => (ep.endpoint_id, ep.identity),
         None => (0, 0),
     };

@@ -41,8 +41,106 @@ fn byte(ctx: &TcContext, off: usize) -> Result<u8, Counter> {
     ctx.load::<u8>(off).map_err(|_| Counter::ParseErrors)
 }
 
+/// Direct packet access: a pointer to `T` at `off` if it lies inside the linear data.
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *const T)
+}
+
+/// Fast path for the common case, reading the linear packet data directly: Ethernet,
+/// IPv4 without fragmentation or IPv6 without extension headers, then TCP/UDP/ICMP.
+/// `None` means "use the general path" (it never means the packet is bad).
+#[inline(always)]
+fn parse_fast(ctx: &TcContext) -> Option<Packet> {
+    let eth = ptr_at::<[u8; 14]>(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at against data_end.
+    let eth = unsafe { &*eth };
+    let proto = u16::from_be_bytes([eth[12], eth[13]]);
+    let mut pkt = Packet {
+        saddr: [0; 16],
+        daddr: [0; 16],
+        sport: 0,
+        dport: 0,
+        proto: 0,
+        family: 0,
+        tcp_flags: 0,
+        icmp_type: 0,
+        icmp_code: 0,
+        flags: 0,
+    };
+    let l4 = match proto {
+        ETH_P_IP => {
+            let ip = ptr_at::<[u8; 20]>(ctx, ETH_HLEN)?;
+            // SAFETY: as above.
+            let ip = unsafe { &*ip };
+            if ip[0] != 0x45 || (u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff) != 0 {
+                // Options or fragments: general path.
+                return None;
+            }
+            pkt.family = family::IPV4;
+            pkt.proto = ip[9];
+            pkt.saddr = mapped([ip[12], ip[13], ip[14], ip[15]]);
+            pkt.daddr = mapped([ip[16], ip[17], ip[18], ip[19]]);
+            ETH_HLEN + 20
+        }
+        ETH_P_IPV6 => {
+            let ip = ptr_at::<[u8; 40]>(ctx, ETH_HLEN)?;
+            // SAFETY: as above.
+            let ip = unsafe { &*ip };
+            let next = ip[6];
+            if ip[0] >> 4 != 6 || !matches!(next, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMPV6) {
+                return None;
+            }
+            pkt.family = family::IPV6;
+            pkt.proto = next;
+            let mut s = [0u8; 16];
+            let mut d = [0u8; 16];
+            s.copy_from_slice(&ip[8..24]);
+            d.copy_from_slice(&ip[24..40]);
+            pkt.saddr = s;
+            pkt.daddr = d;
+            ETH_HLEN + 40
+        }
+        _ => return None,
+    };
+    match pkt.proto {
+        IPPROTO_TCP => {
+            let t = ptr_at::<[u8; 14]>(ctx, l4)?;
+            // SAFETY: as above.
+            let t = unsafe { &*t };
+            pkt.sport = u16::from_be_bytes([t[0], t[1]]);
+            pkt.dport = u16::from_be_bytes([t[2], t[3]]);
+            pkt.tcp_flags = t[13];
+        }
+        IPPROTO_UDP => {
+            let u = ptr_at::<[u8; 4]>(ctx, l4)?;
+            // SAFETY: as above.
+            let u = unsafe { &*u };
+            pkt.sport = u16::from_be_bytes([u[0], u[1]]);
+            pkt.dport = u16::from_be_bytes([u[2], u[3]]);
+        }
+        _ => return None,
+    }
+    Some(pkt)
+}
+
 #[inline(always)]
 pub fn parse_packet(ctx: &TcContext) -> Result<Packet, Counter> {
+    if let Some(p) = parse_fast(ctx) {
+        return Ok(p);
+    }
+    parse_general(ctx)
+}
+
+/// The general path with `bpf_skb_load_bytes`: VLAN, IP options, fragments, IPv6
+/// extension headers, ICMP, non-linear data.
+#[inline(always)]
+fn parse_general(ctx: &TcContext) -> Result<Packet, Counter> {
     let mut l3 = ETH_HLEN;
     let mut proto = be16(ctx, 12)?;
     if proto == ETH_P_8021Q {
