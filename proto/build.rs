@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "proto/flow/flow.proto",
     "proto/relay/relay.proto",
     "proto/observer/observer.proto",
+    "proto/lumen/policy.proto",
 ];
 
 fn main() -> anyhow::Result<()> {

@@ -35,6 +35,35 @@ pub enum Command {
     /// List things known to the server.
     #[command(subcommand)]
     List(ListCommand),
+    /// Network policy on a node: what is loaded, and what the kernel enforces.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Security identities (numbers and their label sets).
+    #[command(subcommand)]
+    Identity(IdentityCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// List the policies in force with their mode and selected endpoints.
+    List,
+    /// Show one policy: namespace/name (or name for clusterwide policies).
+    Get {
+        /// namespace/name or name.
+        policy: String,
+    },
+    /// Print an endpoint's entries read back from the kernel policy map.
+    Dump {
+        /// namespace/pod, pod, or the endpoint id.
+        #[arg(long)]
+        endpoint: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IdentityCommand {
+    /// Map identity numbers to label sets.
+    List,
 }
 
 #[derive(Debug, Subcommand)]

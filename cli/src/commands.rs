@@ -45,6 +45,11 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// Connects to the server within `timeout`.
 pub async fn connect(server: &str, timeout: Duration) -> Result<ObserverClient<Channel>, CliError> {
+    Ok(ObserverClient::new(connect_channel(server, timeout).await?))
+}
+
+/// A gRPC channel to the server within `timeout`.
+pub async fn connect_channel(server: &str, timeout: Duration) -> Result<Channel, CliError> {
     let fail = |reason: String| CliError::Connect {
         server: server.to_owned(),
         reason,
@@ -62,10 +67,10 @@ pub async fn connect(server: &str, timeout: Duration) -> Result<ObserverClient<C
             )))
         }
     };
-    Ok(ObserverClient::new(channel))
+    Ok(channel)
 }
 
-fn status_error(server: &str, s: tonic::Status) -> CliError {
+pub fn status_error(server: &str, s: tonic::Status) -> CliError {
     let msg = s.message().replace('\n', " ");
     match s.code() {
         tonic::Code::InvalidArgument => CliError::Server(format!("invalid argument: {msg}")),

@@ -3,6 +3,7 @@
 
 pub mod args;
 pub mod commands;
+pub mod policy;
 pub mod request;
 pub mod time;
 
@@ -132,6 +133,8 @@ pub async fn run(inv: Invocation) -> Result<(), CliError> {
         Command::Observe(args) => commands::observe(&cli, args, &filter_flags).await,
         Command::Status => commands::status(&cli).await,
         Command::Nodes | Command::List(args::ListCommand::Nodes) => commands::nodes(&cli).await,
+        Command::Policy(p) => policy::policy(&cli, p).await,
+        Command::Identity(args::IdentityCommand::List) => policy::identities(&cli).await,
     }
 }
 

@@ -205,6 +205,27 @@ impl Datapath {
         Ok(out)
     }
 
+    /// The kernel's endpoints-map value for an endpoint (ifindex).
+    pub fn endpoint_value(&self, ifindex: u32) -> Result<Option<EndpointValue>, DatapathError> {
+        let map = self
+            .ebpf
+            .map(map_names::ENDPOINTS)
+            .ok_or_else(|| missing(map_names::ENDPOINTS))?;
+        let hm: HashMap<&MapData, u32, EndpointValue> =
+            HashMap::try_from(map).map_err(|source| DatapathError::Map {
+                name: map_names::ENDPOINTS,
+                source,
+            })?;
+        match hm.get(&ifindex, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DatapathError::Map {
+                name: map_names::ENDPOINTS,
+                source,
+            }),
+        }
+    }
+
     /// Every entry of the kernel ipcache.
     pub fn ipcache_entries(&self) -> Result<Vec<(u32, [u8; 16], IpcacheValue)>, DatapathError> {
         let map = self

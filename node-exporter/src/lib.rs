@@ -13,6 +13,7 @@ pub mod config;
 pub mod convert;
 pub mod datapath;
 pub mod decode;
+pub mod inspect;
 pub mod interfaces;
 pub mod metadata;
 pub mod metrics;

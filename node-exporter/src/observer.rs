@@ -68,8 +68,10 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let inspector = crate::inspect::Inspector::server(svc.state.clone());
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(inspector)
         .add_service(ObserverServer::new(svc).max_decoding_message_size(4 << 20))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

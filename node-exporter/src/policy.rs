@@ -34,6 +34,8 @@ pub type PolicyMapKey = (u32, PolicyKey);
 #[derive(Default)]
 pub struct PolicyFiles {
     files: BTreeMap<PathBuf, (u64, Vec<Policy>)>,
+    /// Content fingerprint of each file's last rejected version (reported once).
+    rejected: BTreeMap<PathBuf, u64>,
 }
 
 /// What happened to one file on a reload.
@@ -76,11 +78,14 @@ impl PolicyFiles {
                 continue;
             };
             let fp = fingerprint(&text);
-            if self.files.get(&path).is_some_and(|(f, _)| *f == fp) {
+            if self.files.get(&path).is_some_and(|(f, _)| *f == fp)
+                || self.rejected.get(&path) == Some(&fp)
+            {
                 continue;
             }
             match lumen_policy::parse_policies(&path, &text) {
                 Ok(policies) => {
+                    self.rejected.remove(&path);
                     out.push(FileOutcome::Loaded {
                         file: path.clone(),
                         policies: policies.len(),
@@ -88,6 +93,7 @@ impl PolicyFiles {
                     self.files.insert(path, (fp, policies));
                 }
                 Err(e) => {
+                    self.rejected.insert(path.clone(), fp);
                     out.push(FileOutcome::Rejected {
                         file: path,
                         error: e.to_string(),
@@ -101,6 +107,7 @@ impl PolicyFiles {
             .filter(|p| !present.contains(p))
             .cloned()
             .collect();
+        self.rejected.retain(|p, _| present.contains(p));
         for g in gone {
             self.files.remove(&g);
             out.push(FileOutcome::Removed { file: g });

@@ -18,9 +18,15 @@ mod generated {
     pub mod observer {
         include!(concat!(env!("OUT_DIR"), "/observer.rs"));
     }
+    pub mod lumen_policy {
+        include!(concat!(env!("OUT_DIR"), "/lumen.policy.v1.rs"));
+    }
 }
 
 pub use generated::{flow, observer, relay};
+
+/// Lumen-only policy inspection API (`lumen.policy.v1.PolicyInspector`).
+pub use generated::lumen_policy as policy;
 
 pub mod descriptor;
 pub mod event_type;

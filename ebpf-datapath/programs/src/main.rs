@@ -158,6 +158,13 @@ fn decide(ep: &EndpointValue, dir: u8, peer: u32, proto: u8, dport: u16) -> Poli
     default
 }
 
+/// IPv6 neighbour discovery and router messages (ICMPv6 133-137) are never subject to
+/// policy: without them no IPv6 peer is reachable at all (Cilium answers them itself).
+#[inline(always)]
+fn policy_exempt(proto: u8, sport: u16, dport: u16) -> bool {
+    proto == 58 && dport == 0 && (133..=137).contains(&(sport >> 8))
+}
+
 /// Verdict fields for a policy value.
 #[inline(always)]
 fn verdict_of(v: &PolicyValue) -> (u8, u8) {
@@ -280,6 +287,7 @@ fn try_observe(ctx: &TcContext, hook: u8) -> Result<i32, Counter> {
             };
             let peer = identity_of(peer_addr);
             let v = match endpoint() {
+                Some(_) if policy_exempt(key.proto, key.sport, key.dport) => PolicyValue::default(),
                 Some(ep) => decide(ep, e.direction, peer, key.proto, key.dport),
                 None => PolicyValue::default(),
             };
@@ -371,6 +379,7 @@ fn try_observe(ctx: &TcContext, hook: u8) -> Result<i32, Counter> {
         };
         let peer = identity_of(peer_addr);
         let v = match endpoint() {
+            Some(_) if policy_exempt(pkt.proto, pkt.sport, pkt.dport) => PolicyValue::default(),
             Some(ep) => decide(ep, pkt_dir, peer, pkt.proto, pkt.dport),
             None => PolicyValue::default(),
         };
