@@ -47,7 +47,11 @@ fn entry_line(e: &PolicyMapEntry) -> String {
         peer,
         e.protocol,
         ports(e),
-        if e.rule.is_empty() { "-".to_owned() } else { e.rule.clone() }
+        if e.rule.is_empty() {
+            "-".to_owned()
+        } else {
+            e.rule.clone()
+        }
     )
 }
 
@@ -108,7 +112,12 @@ pub async fn policy(cli: &Cli, cmd: &PolicyCommand) -> Result<(), CliError> {
                     writeln!(o, "Name:       {}", p.name).map_err(w)?;
                     writeln!(o, "Namespace:  {}", p.namespace).map_err(w)?;
                     writeln!(o, "Kind:       {}", p.kind).map_err(w)?;
-                    writeln!(o, "Mode:       {} (node default {})", p.mode, resp.node_mode).map_err(w)?;
+                    writeln!(
+                        o,
+                        "Mode:       {} (node default {})",
+                        p.mode, resp.node_mode
+                    )
+                    .map_err(w)?;
                     writeln!(o, "Source:     {} document {}", p.file, p.document).map_err(w)?;
                     writeln!(o, "Rules:      {}", p.rules).map_err(w)?;
                     writeln!(o, "Selects:    {} endpoints", p.selected_endpoints).map_err(w)?;
@@ -133,8 +142,16 @@ pub async fn policy(cli: &Cli, cmd: &PolicyCommand) -> Result<(), CliError> {
                 resp.endpoint,
                 resp.endpoint_id,
                 resp.identity,
-                if resp.ingress_enforced { "enforced" } else { "not selected by any policy" },
-                if resp.egress_enforced { "enforced" } else { "not selected by any policy" },
+                if resp.ingress_enforced {
+                    "enforced"
+                } else {
+                    "not selected by any policy"
+                },
+                if resp.egress_enforced {
+                    "enforced"
+                } else {
+                    "not selected by any policy"
+                },
             )
             .map_err(w)?;
             writeln!(
@@ -169,7 +186,12 @@ pub async fn identities(cli: &Cli) -> Result<(), CliError> {
         .into_inner();
     let w = |e: std::io::Error| CliError::Output(e);
     let mut o = out();
-    writeln!(o, "{:>10}  {:<9} {:>9}  LABELS", "IDENTITY", "KIND", "ENDPOINTS").map_err(w)?;
+    writeln!(
+        o,
+        "{:>10}  {:<9} {:>9}  LABELS",
+        "IDENTITY", "KIND", "ENDPOINTS"
+    )
+    .map_err(w)?;
     for i in &resp.identities {
         writeln!(
             o,

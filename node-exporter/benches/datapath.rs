@@ -66,17 +66,25 @@ fn datapath_cost() {
     const REPEAT: u32 = 2_000_000;
 
     let ack = packets::tcp(a, b, 40000, 80, 0x10, 100);
-    let empty_ns = test_run::run(empty.as_fd(), &ack, REPEAT).expect("test run").duration_ns;
+    let empty_ns = test_run::run(empty.as_fd(), &ack, REPEAT)
+        .expect("test run")
+        .duration_ns;
     // First run creates the conntrack entry; the repeated runs then take the established path.
     test_run::run(prog.as_fd(), &ack, 1).expect("test run");
-    let est_ns = test_run::run(prog.as_fd(), &ack, REPEAT).expect("test run").duration_ns;
+    let est_ns = test_run::run(prog.as_fd(), &ack, REPEAT)
+        .expect("test run")
+        .duration_ns;
 
     // New-flow path: every packet a new 5-tuple (one run each, kernel-timed), drained ring.
     let n = 20_000u32;
     let mut total = 0u64;
     for i in 0..n {
         let p = packets::udp(a, b, (i % 60000) as u16 + 1024, 53 + (i / 60000) as u16, 32);
-        total += u64::from(test_run::run(prog.as_fd(), &p, 1).expect("test run").duration_ns);
+        total += u64::from(
+            test_run::run(prog.as_fd(), &p, 1)
+                .expect("test run")
+                .duration_ns,
+        );
         if i % 1000 == 0 {
             while ring.next().is_some() {}
         }
@@ -85,7 +93,11 @@ fn datapath_cost() {
     let empty_new_total: u64 = (0..n)
         .map(|i| {
             let p = packets::udp(a, b, (i % 60000) as u16 + 1024, 9, 32);
-            u64::from(test_run::run(empty.as_fd(), &p, 1).expect("test run").duration_ns)
+            u64::from(
+                test_run::run(empty.as_fd(), &p, 1)
+                    .expect("test run")
+                    .duration_ns,
+            )
         })
         .sum();
     let empty_new = empty_new_total as f64 / f64::from(n);

@@ -14,7 +14,9 @@ fn now_ns(clock: libc::clockid_t) -> i64 {
     if rc != 0 {
         return 0;
     }
-    ts.tv_sec.saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec)
+    ts.tv_sec
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec)
 }
 
 /// CLOCK_MONOTONIC now, ns.

@@ -189,7 +189,11 @@ impl Config {
             };
         }
         if let Some(v) = env.var(&key("INTERFACES")) {
-            self.interfaces = v.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect();
+            self.interfaces = v
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
         }
         if let Some(v) = env.var(&key("ENDPOINTS_FILE")) {
             self.endpoints_file = Some(PathBuf::from(v));
@@ -208,7 +212,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let ring = self.ring_buffer_bytes;
-        if !ring.is_power_of_two() || ring % 4096 != 0 {
+        if !ring.is_power_of_two() || !ring.is_multiple_of(4096) {
             return Err(ConfigError::Invalid {
                 field: "ring_buffer_bytes",
                 value: ring.to_string(),
@@ -268,8 +272,8 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_rejected() {
-        let err = serde_yaml::from_str::<Config>("node_name: a\nbogus: 1\n")
-            .expect_err("unknown field");
+        let err =
+            serde_yaml::from_str::<Config>("node_name: a\nbogus: 1\n").expect_err("unknown field");
         assert!(err.to_string().contains("bogus"), "{err}");
     }
 

@@ -54,7 +54,9 @@ pub fn attribution(rule_id: u32, ctx: &ConvertContext<'_>) -> Option<(flow::Poli
                 },
                 None => match_type::NONE,
             };
-            let path = r.map(|r| r.path.clone()).unwrap_or_else(|| format!("rule[{i}]"));
+            let path = r
+                .map(|r| r.path.clone())
+                .unwrap_or_else(|| format!("rule[{i}]"));
             (format!("lumen.io/rule={path}"), mt)
         }
     };
@@ -105,7 +107,11 @@ fn endpoint(ep: &Option<EndpointRef>, local_id: u32, identity: Option<u32>) -> O
         identity: identity.unwrap_or(ep.identity.0),
         namespace: ep.namespace.clone().unwrap_or_default(),
         labels: ep.labels.iter().map(|l| l.to_string()).collect(),
-        pod_name: if ep.is_world() { String::new() } else { ep.pod.clone() },
+        pod_name: if ep.is_world() {
+            String::new()
+        } else {
+            ep.pod.clone()
+        },
         workloads: ep
             .workload
             .iter()
@@ -114,7 +120,6 @@ fn endpoint(ep: &Option<EndpointRef>, local_id: u32, identity: Option<u32>) -> O
                 kind: w.kind.clone(),
             })
             .collect(),
-        ..Default::default()
     })
 }
 
@@ -127,7 +132,11 @@ pub fn to_flow(f: &StoredFlow, ctx: &ConvertContext<'_>) -> Flow {
     let l3_only = f.flags & flow_flags::L3_ONLY != 0;
     // The packet crossed TC ingress of the host-side interface: it left the endpoint.
     let from_endpoint = f.hook_is_ingress();
-    let (src_id, dst_id) = if from_endpoint { (f.ifindex, 0) } else { (0, f.ifindex) };
+    let (src_id, dst_id) = if from_endpoint {
+        (f.ifindex, 0)
+    } else {
+        (0, f.ifindex)
+    };
     let l4 = if l3_only && !matches!(f.proto, 1 | 58) {
         None
     } else {
@@ -164,7 +173,11 @@ pub fn to_flow(f: &StoredFlow, ctx: &ConvertContext<'_>) -> Flow {
     let dropped = f.verdict == lumen_datapath_common::verdict::DROPPED;
     // The datapath's view of the peer's identity wins over metadata (CIDR identities).
     let peer = (f.peer_identity != 0).then_some(f.peer_identity);
-    let (src_identity, dst_identity) = if from_endpoint { (None, peer) } else { (peer, None) };
+    let (src_identity, dst_identity) = if from_endpoint {
+        (None, peer)
+    } else {
+        (peer, None)
+    };
     let policy = attribution(f.policy_rule_id, ctx);
     let denied = f.verdict != lumen_datapath_common::verdict::FORWARDED;
     let ingress = f.direction == direction::INGRESS;
@@ -197,7 +210,11 @@ pub fn to_flow(f: &StoredFlow, ctx: &ConvertContext<'_>) -> Flow {
         r#type: flow::FlowType::L3L4 as i32,
         node_name: ctx.node_name.to_owned(),
         event_type: Some(flow::CiliumEventType {
-            r#type: if dropped { MONITOR_TYPE_DROP } else { MONITOR_TYPE_TRACE },
+            r#type: if dropped {
+                MONITOR_TYPE_DROP
+            } else {
+                MONITOR_TYPE_TRACE
+            },
             sub_type: if dropped {
                 i32::from(f.drop_reason)
             } else if from_endpoint {

@@ -6,7 +6,10 @@
 use std::{collections::BTreeMap, os::fd::AsFd as _};
 
 use aya::{
-    maps::{lpm_trie::{Key as LpmKey, LpmTrie}, Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        Array, HashMap, MapData, PerCpuArray, RingBuf,
+    },
     programs::{tc, SchedClassifier, TcAttachType},
     Ebpf, EbpfLoader,
 };
@@ -24,7 +27,9 @@ pub static DATAPATH_OBJECT: &[u8] =
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
-    #[error("loading the eBPF datapath failed (needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON): {source}")]
+    #[error(
+        "loading the eBPF datapath failed (needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON): {source}"
+    )]
     Load {
         #[source]
         source: aya::EbpfError,
@@ -95,7 +100,7 @@ pub struct DatapathCounters {
 impl Datapath {
     pub fn load(opts: LoadOptions) -> Result<Self, DatapathError> {
         let page = 4096u32;
-        if !opts.ring_bytes.is_power_of_two() || opts.ring_bytes % page != 0 {
+        if !opts.ring_bytes.is_power_of_two() || !opts.ring_bytes.is_multiple_of(page) {
             return Err(DatapathError::RingSize {
                 bytes: opts.ring_bytes,
             });
@@ -385,7 +390,10 @@ impl Datapath {
     }
 
     /// Program the endpoints map (ifindex -> endpoint) with exactly `entries`.
-    pub fn sync_endpoints(&mut self, entries: &[(u32, EndpointValue)]) -> Result<(), DatapathError> {
+    pub fn sync_endpoints(
+        &mut self,
+        entries: &[(u32, EndpointValue)],
+    ) -> Result<(), DatapathError> {
         let map = self
             .ebpf
             .map_mut(map_names::ENDPOINTS)
@@ -427,10 +435,12 @@ impl Datapath {
             })?;
         let mut c = DatapathCounters::default();
         for counter in ALL_COUNTERS {
-            let values = arr.get(&(counter as u32), 0).map_err(|source| DatapathError::Map {
-                name: map_names::COUNTERS,
-                source,
-            })?;
+            let values = arr
+                .get(&(counter as u32), 0)
+                .map_err(|source| DatapathError::Map {
+                    name: map_names::COUNTERS,
+                    source,
+                })?;
             let total: u64 = values.iter().copied().sum();
             let max: u64 = values.iter().copied().max().unwrap_or(0);
             match counter {

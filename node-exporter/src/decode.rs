@@ -2,9 +2,7 @@
 //! length) and every field is read from the byte slice with bounds checks, so a short or
 //! foreign record is an error, never undefined behaviour.
 
-use lumen_datapath_common::{
-    EventHeader, EventKind, FlowEvent, FlowKey, ABI_VERSION,
-};
+use lumen_datapath_common::{EventHeader, EventKind, FlowEvent, FlowKey, ABI_VERSION};
 
 /// Why a record could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -272,13 +270,25 @@ mod tests {
     #[test]
     fn short_and_foreign_records_are_errors() {
         let bytes = encode_flow(&sample());
-        assert!(matches!(decode(&bytes[..4]), Err(DecodeError::Truncated { .. })));
-        assert!(matches!(decode(&bytes[..100]), Err(DecodeError::Length { .. })));
+        assert!(matches!(
+            decode(&bytes[..4]),
+            Err(DecodeError::Truncated { .. })
+        ));
+        assert!(matches!(
+            decode(&bytes[..100]),
+            Err(DecodeError::Length { .. })
+        ));
         let mut wrong = bytes.clone();
         wrong[0] = 99;
-        assert!(matches!(decode(&wrong), Err(DecodeError::Version { found: 99, .. })));
+        assert!(matches!(
+            decode(&wrong),
+            Err(DecodeError::Version { found: 99, .. })
+        ));
         let mut kind = bytes.clone();
         kind[2] = 42;
-        assert!(matches!(decode(&kind), Err(DecodeError::UnknownKind { kind: 42 })));
+        assert!(matches!(
+            decode(&kind),
+            Err(DecodeError::UnknownKind { kind: 42 })
+        ));
     }
 }

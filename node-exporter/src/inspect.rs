@@ -11,8 +11,7 @@ use lumen_policy::{compile::CompiledPolicy, Direction, EndpointIndex, Identity, 
 use lumen_proto::policy::{
     policy_inspector_server::{PolicyInspector, PolicyInspectorServer},
     DumpPolicyMapRequest, DumpPolicyMapResponse, IdentityInfo, ListIdentitiesRequest,
-    ListIdentitiesResponse, ListPoliciesRequest, ListPoliciesResponse, PolicyInfo,
-    PolicyMapEntry,
+    ListIdentitiesResponse, ListPoliciesRequest, ListPoliciesResponse, PolicyInfo, PolicyMapEntry,
 };
 use tonic::{Request, Response, Status};
 
@@ -96,7 +95,12 @@ pub fn describe_entry(
         (proto_name(key.proto), start, start + size - 1)
     };
     PolicyMapEntry {
-        direction: if key.direction == direction::INGRESS { "INGRESS" } else { "EGRESS" }.into(),
+        direction: if key.direction == direction::INGRESS {
+            "INGRESS"
+        } else {
+            "EGRESS"
+        }
+        .into(),
         peer_identity: peer,
         peer_labels: if peer == 0 {
             "(any)".into()
@@ -143,7 +147,11 @@ impl PolicyInspector for Inspector {
         let policies = self.state.policies();
         let snap = self.state.metadata.current();
         let (generation, node_mode) = {
-            let engine = self.state.policy.lock().map_err(|_| Status::internal("policy state unavailable"))?;
+            let engine = self
+                .state
+                .policy
+                .lock()
+                .map_err(|_| Status::internal("policy state unavailable"))?;
             (engine.generation, mode_name(Some(engine.node_mode)))
         };
         let mut out = Vec::new();
@@ -159,7 +167,8 @@ impl PolicyInspector for Inspector {
                 .endpoints()
                 .iter()
                 .filter(|e| {
-                    p.selects(&e.labels, Direction::Ingress) || p.selects(&e.labels, Direction::Egress)
+                    p.selects(&e.labels, Direction::Ingress)
+                        || p.selects(&e.labels, Direction::Egress)
                 })
                 .map(|e| e.to_string())
                 .collect();
@@ -196,7 +205,9 @@ impl PolicyInspector for Inspector {
     ) -> Result<Response<DumpPolicyMapResponse>, Status> {
         let want = request.into_inner().endpoint;
         if want.is_empty() {
-            return Err(Status::invalid_argument("endpoint is required (namespace/pod, pod or endpoint id)"));
+            return Err(Status::invalid_argument(
+                "endpoint is required (namespace/pod, pod or endpoint id)",
+            ));
         }
         let snap = self.state.metadata.current();
         let present = crate::interfaces::list_interfaces();
@@ -207,22 +218,36 @@ impl PolicyInspector for Inspector {
             .find(|e| {
                 let id = e.interface.as_deref().and_then(|i| present.get(i)).copied();
                 want == e.pod
-                    || e.namespace.as_deref().is_some_and(|ns| want == format!("{ns}/{}", e.pod))
+                    || e.namespace
+                        .as_deref()
+                        .is_some_and(|ns| want == format!("{ns}/{}", e.pod))
                     || id.is_some_and(|id| want == id.to_string())
             })
             .cloned()
-            .ok_or_else(|| Status::not_found(format!("no local endpoint {want:?} on node {node}")))?;
+            .ok_or_else(|| {
+                Status::not_found(format!("no local endpoint {want:?} on node {node}"))
+            })?;
         let endpoint_id = ep
             .interface
             .as_deref()
             .and_then(|i| present.get(i))
             .copied()
-            .ok_or_else(|| Status::failed_precondition(format!("endpoint {ep} has no interface on this node")))?;
+            .ok_or_else(|| {
+                Status::failed_precondition(format!("endpoint {ep} has no interface on this node"))
+            })?;
         let compiled = self.state.compiled_policy();
         let policies = self.state.policies();
-        let dp = self.state.datapath.lock().map_err(|_| Status::internal("datapath unavailable"))?;
-        let kernel = dp.policy_entries().map_err(|e| Status::internal(e.to_string()))?;
-        let endpoint_value = dp.endpoint_value(endpoint_id).map_err(|e| Status::internal(e.to_string()))?;
+        let dp = self
+            .state
+            .datapath
+            .lock()
+            .map_err(|_| Status::internal("datapath unavailable"))?;
+        let kernel = dp
+            .policy_entries()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let endpoint_value = dp
+            .endpoint_value(endpoint_id)
+            .map_err(|e| Status::internal(e.to_string()))?;
         drop(dp);
         let mut entries: Vec<PolicyMapEntry> = kernel
             .iter()
@@ -230,8 +255,18 @@ impl PolicyInspector for Inspector {
             .map(|(prefix, k, v)| describe_entry(*prefix, k, v, &snap.index, &compiled, &policies))
             .collect();
         entries.sort_by(|a, b| {
-            (a.direction.as_str(), a.peer_identity, a.protocol.as_str(), a.port_low)
-                .cmp(&(b.direction.as_str(), b.peer_identity, b.protocol.as_str(), b.port_low))
+            (
+                a.direction.as_str(),
+                a.peer_identity,
+                a.protocol.as_str(),
+                a.port_low,
+            )
+                .cmp(&(
+                    b.direction.as_str(),
+                    b.peer_identity,
+                    b.protocol.as_str(),
+                    b.port_low,
+                ))
         });
         let ev = endpoint_value.unwrap_or_default();
         Ok(Response::new(DumpPolicyMapResponse {
@@ -240,8 +275,18 @@ impl PolicyInspector for Inspector {
             identity: ev.identity,
             ingress_enforced: ev.ingress_enforced != 0,
             egress_enforced: ev.egress_enforced != 0,
-            ingress_default: Some(default_entry("INGRESS", &ev.ingress_default, &compiled, &policies)),
-            egress_default: Some(default_entry("EGRESS", &ev.egress_default, &compiled, &policies)),
+            ingress_default: Some(default_entry(
+                "INGRESS",
+                &ev.ingress_default,
+                &compiled,
+                &policies,
+            )),
+            egress_default: Some(default_entry(
+                "EGRESS",
+                &ev.egress_default,
+                &compiled,
+                &policies,
+            )),
             entries,
         }))
     }
@@ -269,7 +314,12 @@ impl PolicyInspector for Inspector {
                 identity: id.0,
                 labels: labels.iter().map(|l| l.to_string()).collect(),
                 kind: "endpoint".into(),
-                endpoints: snap.index.endpoints().iter().filter(|e| e.identity == id).count() as u32,
+                endpoints: snap
+                    .index
+                    .endpoints()
+                    .iter()
+                    .filter(|e| e.identity == id)
+                    .count() as u32,
             });
         }
         for (net, id) in &compiled.ipcache {

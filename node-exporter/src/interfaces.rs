@@ -26,7 +26,9 @@ impl InterfacePatterns {
     }
 
     pub fn matches(&self, name: &str) -> bool {
-        self.0.iter().any(|p| glob_match(p.as_bytes(), name.as_bytes()))
+        self.0
+            .iter()
+            .any(|p| glob_match(p.as_bytes(), name.as_bytes()))
     }
 
     pub fn add(&mut self, pattern: &str) {

@@ -67,7 +67,10 @@ pub struct NodeState {
 
 impl NodeState {
     pub fn interface_names(&self) -> std::collections::HashMap<u32, String> {
-        self.ifnames.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.ifnames
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -102,7 +105,9 @@ pub async fn run(
 
     let metrics = Metrics::new();
     metrics.ring_size.set(i64::from(config.ring_buffer_bytes));
-    metrics.flow_ring_capacity.set(config.flow_ring_capacity as i64);
+    metrics
+        .flow_ring_capacity
+        .set(config.flow_ring_capacity as i64);
     let ring = FlowRing::new(config.flow_ring_capacity, config.follow_queue);
     let metadata = MetadataHandle::default();
     let clock = Arc::new(ClockOffset::new());
@@ -143,7 +148,10 @@ pub async fn run(
 
     // Attachment: interfaces by pattern and local endpoints' interfaces.
     let (kick_tx, mut kick_rx) = mpsc::channel::<()>(16);
-    tokio::spawn(interfaces::watch_links(kick_tx.clone(), Duration::from_millis(500)));
+    tokio::spawn(interfaces::watch_links(
+        kick_tx.clone(),
+        Duration::from_millis(500),
+    ));
     if let Some(path) = config.endpoints_file.clone() {
         let watcher = EndpointsWatcher {
             path,
@@ -187,7 +195,9 @@ pub async fn run(
         tokio::spawn(async move {
             loop {
                 let changed = {
-                    let Ok(mut engine) = state.policy.lock() else { return };
+                    let Ok(mut engine) = state.policy.lock() else {
+                        return;
+                    };
                     let metrics = state.metrics.clone();
                     engine.reload_files(&mut |_| {
                         metrics.policy_errors.inc();
@@ -346,7 +356,10 @@ pub fn apply_policy(state: &NodeState) {
     let ifindex_of = |name: &str| present.get(name).copied();
     match engine.apply(&mut dp, &snap.index, &state.config.node_name, &ifindex_of) {
         Ok(()) => {
-            state.metrics.policy_generation.set(i64::from(engine.generation));
+            state
+                .metrics
+                .policy_generation
+                .set(i64::from(engine.generation));
             tracing::debug!(took = ?started.elapsed(), generation = engine.generation, "policy programmed");
         }
         Err(e) => warn!(error = %e, "programming policy maps failed"),

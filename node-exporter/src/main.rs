@@ -8,7 +8,11 @@ use clap::Parser;
 use lumen_node_exporter::config::{Aggregation, Config, ProcessEnv};
 
 #[derive(Parser, Debug)]
-#[command(name = "lumen-node-exporter", version, about = "Lumen's per-node flow exporter")]
+#[command(
+    name = "lumen-node-exporter",
+    version,
+    about = "Lumen's per-node flow exporter"
+)]
 struct Args {
     /// YAML config file (see docs/operations.md); flags override it.
     #[arg(long, short = 'c')]
@@ -83,7 +87,10 @@ fn real_main() -> anyhow::Result<()> {
         config.metrics_address = if v.is_empty() {
             None
         } else {
-            Some(v.parse().with_context(|| format!("--metrics-address {v:?}"))?)
+            Some(
+                v.parse()
+                    .with_context(|| format!("--metrics-address {v:?}"))?,
+            )
         };
     }
     if !args.interfaces.is_empty() {

@@ -69,8 +69,8 @@ impl MetadataHandle {
         &self,
         path: &Path,
         allocator: &IdentityAllocator,
-    ) -> Result<Arc<MetadataSnapshot>, lumen_policy::MetadataError> {
-        let file = EndpointsFile::load(path)?;
+    ) -> Result<Arc<MetadataSnapshot>, Box<lumen_policy::MetadataError>> {
+        let file = EndpointsFile::load(path).map_err(Box::new)?;
         Ok(self.replace(EndpointIndex::build(&file, allocator)))
     }
 }

@@ -135,26 +135,106 @@ impl Metrics {
         {
             let mut r = m.registry.lock().unwrap_or_else(|p| p.into_inner());
             use names::*;
-            r.register(FLOWS_PROCESSED, "Flows processed by type, subtype, verdict and protocol", m.flows_processed.clone());
-            r.register(LOST_EVENTS, "Events lost, by where they were lost", m.lost_events.clone());
-            r.register(DISCARDED_EVENTS, "Events discarded by a pipeline stage, by reason", m.discarded.clone());
-            r.register(DATAPATH_PACKETS, "Packets the datapath ran on", m.dp_packets.clone());
-            r.register(DATAPATH_BYTES, "Bytes (L2) the datapath ran on", m.dp_bytes.clone());
-            r.register(DATAPATH_EVENTS_ATTEMPTED, "Events the datapath tried to emit", m.dp_attempted.clone());
-            r.register(DATAPATH_EVENTS_EMITTED, "Events written into the ring buffer", m.dp_emitted.clone());
-            r.register(DATAPATH_CONNTRACK_CREATED, "Conntrack entries created", m.dp_ct_created.clone());
-            r.register(DATAPATH_PARSE_ERRORS, "Packets whose headers could not be read", m.dp_parse_errors.clone());
-            r.register(RING_BUFFER_PENDING_BYTES, "Bytes pending in the BPF ring buffer at the last submit (max over CPUs)", m.ring_pending.clone());
-            r.register(RING_BUFFER_SIZE_BYTES, "Size of the BPF ring buffer", m.ring_size.clone());
-            r.register(FLOW_RING_FLOWS, "Flows held in the in-memory flow ring", m.flow_ring_flows.clone());
-            r.register(FLOW_RING_CAPACITY, "Capacity of the in-memory flow ring", m.flow_ring_capacity.clone());
-            r.register(ENDPOINTS, "Endpoints known from the metadata source", m.endpoints.clone());
-            r.register(ATTACHED_INTERFACES, "Interfaces the datapath is attached to", m.attached_interfaces.clone());
-            r.register(METADATA_RELOAD_ERRORS, "Rejected endpoint metadata reloads (last good kept)", m.metadata_errors.clone());
-            r.register(GRPC_CLIENTS, "Observer clients streaming flows", m.grpc_clients.clone());
-            r.register(POLICY_RELOAD_ERRORS, "Rejected policy files (their last good policies kept)", m.policy_errors.clone());
-            r.register(POLICY_GENERATION, "Generation of the policy programmed in the datapath", m.policy_generation.clone());
-            r.register(POLICY_VERDICTS, "Packets the datapath dropped or audited by policy", m.policy_verdicts.clone());
+            r.register(
+                FLOWS_PROCESSED,
+                "Flows processed by type, subtype, verdict and protocol",
+                m.flows_processed.clone(),
+            );
+            r.register(
+                LOST_EVENTS,
+                "Events lost, by where they were lost",
+                m.lost_events.clone(),
+            );
+            r.register(
+                DISCARDED_EVENTS,
+                "Events discarded by a pipeline stage, by reason",
+                m.discarded.clone(),
+            );
+            r.register(
+                DATAPATH_PACKETS,
+                "Packets the datapath ran on",
+                m.dp_packets.clone(),
+            );
+            r.register(
+                DATAPATH_BYTES,
+                "Bytes (L2) the datapath ran on",
+                m.dp_bytes.clone(),
+            );
+            r.register(
+                DATAPATH_EVENTS_ATTEMPTED,
+                "Events the datapath tried to emit",
+                m.dp_attempted.clone(),
+            );
+            r.register(
+                DATAPATH_EVENTS_EMITTED,
+                "Events written into the ring buffer",
+                m.dp_emitted.clone(),
+            );
+            r.register(
+                DATAPATH_CONNTRACK_CREATED,
+                "Conntrack entries created",
+                m.dp_ct_created.clone(),
+            );
+            r.register(
+                DATAPATH_PARSE_ERRORS,
+                "Packets whose headers could not be read",
+                m.dp_parse_errors.clone(),
+            );
+            r.register(
+                RING_BUFFER_PENDING_BYTES,
+                "Bytes pending in the BPF ring buffer at the last submit (max over CPUs)",
+                m.ring_pending.clone(),
+            );
+            r.register(
+                RING_BUFFER_SIZE_BYTES,
+                "Size of the BPF ring buffer",
+                m.ring_size.clone(),
+            );
+            r.register(
+                FLOW_RING_FLOWS,
+                "Flows held in the in-memory flow ring",
+                m.flow_ring_flows.clone(),
+            );
+            r.register(
+                FLOW_RING_CAPACITY,
+                "Capacity of the in-memory flow ring",
+                m.flow_ring_capacity.clone(),
+            );
+            r.register(
+                ENDPOINTS,
+                "Endpoints known from the metadata source",
+                m.endpoints.clone(),
+            );
+            r.register(
+                ATTACHED_INTERFACES,
+                "Interfaces the datapath is attached to",
+                m.attached_interfaces.clone(),
+            );
+            r.register(
+                METADATA_RELOAD_ERRORS,
+                "Rejected endpoint metadata reloads (last good kept)",
+                m.metadata_errors.clone(),
+            );
+            r.register(
+                GRPC_CLIENTS,
+                "Observer clients streaming flows",
+                m.grpc_clients.clone(),
+            );
+            r.register(
+                POLICY_RELOAD_ERRORS,
+                "Rejected policy files (their last good policies kept)",
+                m.policy_errors.clone(),
+            );
+            r.register(
+                POLICY_GENERATION,
+                "Generation of the policy programmed in the datapath",
+                m.policy_generation.clone(),
+            );
+            r.register(
+                POLICY_VERDICTS,
+                "Packets the datapath dropped or audited by policy",
+                m.policy_verdicts.clone(),
+            );
         }
         Arc::new(m)
     }
@@ -163,14 +243,21 @@ impl Metrics {
     pub fn observe_datapath(&self, now: DatapathCounters) {
         let mut last = self.last_dp.lock().unwrap_or_else(|p| p.into_inner());
         let d = |n: u64, l: u64| n.saturating_sub(l);
-        self.dp_packets.inc_by(d(now.packets_seen, last.packets_seen));
+        self.dp_packets
+            .inc_by(d(now.packets_seen, last.packets_seen));
         self.dp_bytes.inc_by(d(now.bytes_seen, last.bytes_seen));
-        self.dp_attempted.inc_by(d(now.events_attempted, last.events_attempted));
-        self.dp_emitted.inc_by(d(now.events_emitted, last.events_emitted));
-        self.dp_ct_created.inc_by(d(now.conntrack_created, last.conntrack_created));
-        self.dp_parse_errors.inc_by(d(now.parse_errors, last.parse_errors));
+        self.dp_attempted
+            .inc_by(d(now.events_attempted, last.events_attempted));
+        self.dp_emitted
+            .inc_by(d(now.events_emitted, last.events_emitted));
+        self.dp_ct_created
+            .inc_by(d(now.conntrack_created, last.conntrack_created));
+        self.dp_parse_errors
+            .inc_by(d(now.parse_errors, last.parse_errors));
         self.lost_events
-            .get_or_create(&SourceLabels { source: lost_source::RING_BUFFER })
+            .get_or_create(&SourceLabels {
+                source: lost_source::RING_BUFFER,
+            })
             .inc_by(d(now.ring_reserve_failed, last.ring_reserve_failed));
         self.ring_pending.set(now.ring_pending_bytes as i64);
         self.policy_verdicts
@@ -179,33 +266,47 @@ impl Metrics {
         self.policy_verdicts
             .get_or_create(&VerdictLabels { verdict: "AUDIT" })
             .inc_by(d(now.policy_audited, last.policy_audited));
-        self.kernel_lost.store(now.ring_reserve_failed, Ordering::Relaxed);
+        self.kernel_lost
+            .store(now.ring_reserve_failed, Ordering::Relaxed);
         *last = now;
     }
 
     pub fn count_queue_loss(&self, n: u64) {
         self.queue_lost.fetch_add(n, Ordering::Relaxed);
         self.lost_events
-            .get_or_create(&SourceLabels { source: lost_source::EVENTS_QUEUE })
+            .get_or_create(&SourceLabels {
+                source: lost_source::EVENTS_QUEUE,
+            })
             .inc_by(n);
         self.discarded
-            .get_or_create(&StageReasonLabels { stage: "ring_reader", reason: "queue_full" })
+            .get_or_create(&StageReasonLabels {
+                stage: "ring_reader",
+                reason: "queue_full",
+            })
             .inc_by(n);
     }
 
     pub fn count_follower_loss(&self, n: u64) {
         self.follower_lost.fetch_add(n, Ordering::Relaxed);
         self.lost_events
-            .get_or_create(&SourceLabels { source: lost_source::FLOW_RING })
+            .get_or_create(&SourceLabels {
+                source: lost_source::FLOW_RING,
+            })
             .inc_by(n);
         self.discarded
-            .get_or_create(&StageReasonLabels { stage: "observer", reason: "slow_client" })
+            .get_or_create(&StageReasonLabels {
+                stage: "observer",
+                reason: "slow_client",
+            })
             .inc_by(n);
     }
 
     pub fn count_decode_error(&self, reason: &'static str) {
         self.discarded
-            .get_or_create(&StageReasonLabels { stage: "decoder", reason })
+            .get_or_create(&StageReasonLabels {
+                stage: "decoder",
+                reason,
+            })
             .inc();
     }
 

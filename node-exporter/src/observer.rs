@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     clock,
-    convert::{to_flow, timestamp, ConvertContext},
+    convert::{timestamp, to_flow, ConvertContext},
     store::StoredFlow,
     NodeState,
 };
@@ -79,7 +79,10 @@ pub async fn serve(
 
 fn ts_ns(ts: &prost_types::Timestamp) -> Result<i64, RequestError> {
     if !(0..1_000_000_000).contains(&ts.nanos) {
-        return Err(RequestError::Timestamp(format!("{}s {}ns", ts.seconds, ts.nanos)));
+        return Err(RequestError::Timestamp(format!(
+            "{}s {}ns",
+            ts.seconds, ts.nanos
+        )));
     }
     ts.seconds
         .checked_mul(1_000_000_000)
@@ -436,11 +439,17 @@ impl Observer for ObserverService {
 
 impl NodeState {
     pub fn compiled_policy(&self) -> Arc<lumen_policy::compile::CompiledPolicy> {
-        self.compiled.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.compiled
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn policies(&self) -> Arc<Vec<lumen_policy::Policy>> {
-        self.policies.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.policies
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn uptime_ns(&self) -> u64 {

@@ -80,7 +80,11 @@ fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Vec<FlowEvent>>, metrics
         }
         drop(item);
         if batch.len() == BATCH {
-            send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)), tx, metrics);
+            send(
+                std::mem::replace(&mut batch, Vec::with_capacity(BATCH)),
+                tx,
+                metrics,
+            );
         }
     }
     if !batch.is_empty() {
@@ -143,7 +147,11 @@ pub fn enrich(
     };
     // The peer is the side that is not the observing endpoint.
     let endpoint_is_src = (ev.direction == lumen_datapath_common::direction::EGRESS) != reply;
-    let peer_identity = if endpoint_is_src { ev.dst_identity } else { ev.src_identity };
+    let peer_identity = if endpoint_is_src {
+        ev.dst_identity
+    } else {
+        ev.src_identity
+    };
     StoredFlow {
         time_ns: clock.to_wall_ns(ev.ts_ns),
         flow_id: ev.flow_id,

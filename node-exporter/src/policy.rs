@@ -19,7 +19,7 @@ use lumen_datapath_common::{
 };
 use lumen_policy::{
     compile::{compile, CompiledPolicy, DirectionPolicy, EntryValue},
-    Direction, DropReason, EnforcementMode, EndpointIndex, Identity, Policy, RuleRef,
+    Direction, DropReason, EndpointIndex, EnforcementMode, Identity, Policy, RuleRef,
 };
 use tracing::{error, info};
 
@@ -141,7 +141,10 @@ fn mapped(ip: IpAddr) -> [u8; 16] {
 /// The ipcache key of a prefix.
 pub fn ipcache_key(net: &IpNet) -> IpcacheKey {
     match net {
-        IpNet::V4(n) => (96 + u32::from(n.prefix_len()), mapped(IpAddr::V4(n.network()))),
+        IpNet::V4(n) => (
+            96 + u32::from(n.prefix_len()),
+            mapped(IpAddr::V4(n.network())),
+        ),
         IpNet::V6(n) => (u32::from(n.prefix_len()), n.network().octets()),
     }
 }
@@ -152,7 +155,11 @@ pub fn port_blocks(lo: u16, hi: u16) -> Vec<(u16, u32)> {
     let mut start = u32::from(lo);
     let end = u32::from(hi);
     while start <= end {
-        let mut size = if start == 0 { 1 << 16 } else { start & start.wrapping_neg() };
+        let mut size = if start == 0 {
+            1 << 16
+        } else {
+            start & start.wrapping_neg()
+        };
         while start + size - 1 > end {
             size >>= 1;
         }
@@ -184,7 +191,10 @@ fn dir_byte(d: Direction) -> u8 {
 }
 
 /// The policy-map entries of one endpoint direction.
-pub fn direction_entries(endpoint_id: u32, p: &DirectionPolicy) -> Vec<(PolicyMapKey, PolicyValue)> {
+pub fn direction_entries(
+    endpoint_id: u32,
+    p: &DirectionPolicy,
+) -> Vec<(PolicyMapKey, PolicyValue)> {
     let dir = dir_byte(p.direction);
     let mut out = Vec::new();
     for e in &p.entries {
@@ -199,7 +209,9 @@ pub fn direction_entries(endpoint_id: u32, p: &DirectionPolicy) -> Vec<(PolicyMa
         let v = value_of(&e.value);
         match (e.protocol, e.ports) {
             (None, _) => out.push(((POLICY_PREFIX_ANY_PROTO, base), v)),
-            (Some(proto), None) => out.push(((POLICY_PREFIX_ANY_PORT, PolicyKey { proto, ..base }), v)),
+            (Some(proto), None) => {
+                out.push(((POLICY_PREFIX_ANY_PORT, PolicyKey { proto, ..base }), v))
+            }
             (Some(proto), Some((lo, hi))) => {
                 for (start, bits) in port_blocks(lo, hi) {
                     out.push((
@@ -398,7 +410,14 @@ mod tests {
 
     #[test]
     fn port_blocks_cover_ranges_exactly() {
-        for (lo, hi) in [(80u16, 80u16), (0, 65535), (1000, 2000), (1, 1023), (6379, 6380), (65535, 65535)] {
+        for (lo, hi) in [
+            (80u16, 80u16),
+            (0, 65535),
+            (1000, 2000),
+            (1, 1023),
+            (6379, 6380),
+            (65535, 65535),
+        ] {
             let blocks = port_blocks(lo, hi);
             let mut covered = 0u32;
             let mut next = u32::from(lo);

@@ -287,7 +287,11 @@ mod tests {
         assert_eq!(ring.first_seq(), 2);
         let all: Vec<i64> = ring.range(0, 10).iter().map(|(_, f)| f.time_ns).collect();
         assert_eq!(all, vec![2, 3, 4]);
-        let last2: Vec<u64> = ring.range_rev(u64::MAX, 2).iter().map(|(s, _)| *s).collect();
+        let last2: Vec<u64> = ring
+            .range_rev(u64::MAX, 2)
+            .iter()
+            .map(|(s, _)| *s)
+            .collect();
         assert_eq!(last2, vec![4, 3]);
     }
 

@@ -81,7 +81,14 @@ pub mod packets {
     }
 
     /// A TCP segment with `flags` and `payload` bytes of zeros.
-    pub fn tcp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, flags: u8, payload: usize) -> Vec<u8> {
+    pub fn tcp(
+        src: IpAddr,
+        dst: IpAddr,
+        sport: u16,
+        dport: u16,
+        flags: u8,
+        payload: usize,
+    ) -> Vec<u8> {
         let mut l4 = Vec::with_capacity(20 + payload);
         l4.extend_from_slice(&sport.to_be_bytes());
         l4.extend_from_slice(&dport.to_be_bytes());

@@ -15,7 +15,7 @@ use std::{
 };
 
 use common::*;
-use lumen_lab::{connections, CapturedPacket, Capture, Direction, Lab};
+use lumen_lab::{connections, Capture, CapturedPacket, Direction, Lab};
 use serde_json::Value;
 
 fn get<'a>(v: &'a Value, path: &[&str]) -> &'a Value {
@@ -40,7 +40,16 @@ fn flow_time(f: &Value) -> String {
 
 fn flags_of(v: &Value) -> u8 {
     let mut b = 0u8;
-    for (name, bit) in [("FIN", 1u8), ("SYN", 2), ("RST", 4), ("PSH", 8), ("ACK", 16), ("URG", 32), ("ECE", 64), ("CWR", 128)] {
+    for (name, bit) in [
+        ("FIN", 1u8),
+        ("SYN", 2),
+        ("RST", 4),
+        ("PSH", 8),
+        ("ACK", 16),
+        ("URG", 32),
+        ("ECE", 64),
+        ("CWR", 128),
+    ] {
         if v.get(name).and_then(Value::as_bool).unwrap_or(false) {
             b |= bit;
         }
@@ -60,7 +69,9 @@ fn tuple(f: &Value) -> Option<(IpAddr, u16, IpAddr, u16)> {
     let (sp, dp) = if let Some(t) = l4.get("TCP").or_else(|| l4.get("UDP")) {
         (
             t.get("source_port").and_then(Value::as_u64).unwrap_or(0) as u16,
-            t.get("destination_port").and_then(Value::as_u64).unwrap_or(0) as u16,
+            t.get("destination_port")
+                .and_then(Value::as_u64)
+                .unwrap_or(0) as u16,
         )
     } else {
         (0, 0)
@@ -91,19 +102,36 @@ fn flows_agree_with_a_packet_capture() {
     let _http = server.http_server(8080).expect("http server");
     let _udp = server.udp_listen(5353).expect("udp listener");
     let capture = Capture::start(&ifaces).expect("capture");
-    let body4 = client.http_get(IpAddr::V4(server.ipv4), 8080, "/").expect("http v4");
-    let body6 = client.http_get(IpAddr::V6(server.ipv6), 8080, "/").expect("http v6");
+    let body4 = client
+        .http_get(IpAddr::V4(server.ipv4), 8080, "/")
+        .expect("http v4");
+    let body6 = client
+        .http_get(IpAddr::V6(server.ipv6), 8080, "/")
+        .expect("http v6");
     assert!(!body4.is_empty() && !body6.is_empty());
-    client.udp_send(IpAddr::V4(server.ipv4), 5353, b"hello lumen").expect("udp");
-    assert!(client.ping(IpAddr::V4(server.ipv4), 3).expect("ping").all_answered());
-    assert!(client.ping(IpAddr::V6(server.ipv6), 3).expect("ping6").all_answered());
-    assert!(client.tcp_connect_refused(IpAddr::V4(server.ipv4), 9).expect("refused"));
+    client
+        .udp_send(IpAddr::V4(server.ipv4), 5353, b"hello lumen")
+        .expect("udp");
+    assert!(client
+        .ping(IpAddr::V4(server.ipv4), 3)
+        .expect("ping")
+        .all_answered());
+    assert!(client
+        .ping(IpAddr::V6(server.ipv6), 3)
+        .expect("ping6")
+        .all_answered());
+    assert!(client
+        .tcp_connect_refused(IpAddr::V4(server.ipv4), 9)
+        .expect("refused"));
     std::thread::sleep(Duration::from_millis(600));
     let packets: Vec<CapturedPacket> = capture.stop().expect("capture stop");
 
     let responses = observe_json(&exporter.server, &["--all"]);
     for r in &responses {
-        assert!(r.get("time").is_some() && r.get("node_name").is_some(), "response shape: {r}");
+        assert!(
+            r.get("time").is_some() && r.get("node_name").is_some(),
+            "response shape: {r}"
+        );
     }
     let flows = flows(&responses);
     assert!(!flows.is_empty(), "no flows: {}", exporter.log());
@@ -117,7 +145,11 @@ fn flows_agree_with_a_packet_capture() {
         .into_iter()
         .filter(|c| c.tuple.proto == 6)
         .collect();
-    assert!(conns.len() >= 3, "expected 2 HTTP connections and a refused one, got {}", conns.len());
+    assert!(
+        conns.len() >= 3,
+        "expected 2 HTTP connections and a refused one, got {}",
+        conns.len()
+    );
     let mut checked = 0;
     for conn in &conns {
         for iface in &ifaces {
@@ -142,8 +174,16 @@ fn flows_agree_with_a_packet_capture() {
             let fwd: Vec<&CapturedPacket> = on.forward().collect();
             let rep: Vec<&CapturedPacket> = on.reply().collect();
             let what = format!("{t} on {iface}");
-            assert_eq!(u64_of(get(last, &["counters", "orig_packets"])), fwd.len() as u64, "orig packets {what}");
-            assert_eq!(u64_of(get(last, &["counters", "reply_packets"])), rep.len() as u64, "reply packets {what}");
+            assert_eq!(
+                u64_of(get(last, &["counters", "orig_packets"])),
+                fwd.len() as u64,
+                "orig packets {what}"
+            );
+            assert_eq!(
+                u64_of(get(last, &["counters", "reply_packets"])),
+                rep.len() as u64,
+                "reply packets {what}"
+            );
             assert_eq!(
                 u64_of(get(last, &["counters", "orig_bytes"])),
                 fwd.iter().map(|p| u64::from(p.frame_len)).sum::<u64>(),
@@ -154,13 +194,21 @@ fn flows_agree_with_a_packet_capture() {
                 rep.iter().map(|p| u64::from(p.frame_len)).sum::<u64>(),
                 "reply bytes {what}"
             );
-            let want_dir = if *iface == client.host_if { "EGRESS" } else { "INGRESS" };
+            let want_dir = if *iface == client.host_if {
+                "EGRESS"
+            } else {
+                "INGRESS"
+            };
             for e in &events {
                 assert_eq!(s(e, &["traffic_direction"]), want_dir, "direction {what}");
             }
             // Union of flags seen equals the capture's.
             let cap_union = on.tcp_flags(true).0 | on.tcp_flags(false).0;
-            assert_eq!(flags_of(get(last, &["tcp_flags_seen"])), cap_union, "flags seen {what}");
+            assert_eq!(
+                flags_of(get(last, &["tcp_flags_seen"])),
+                cap_union,
+                "flags seen {what}"
+            );
             // Event flag sequence: a subsequence of the captured packets, containing every
             // packet that brought a new flag in its direction.
             let cap_seq: Vec<(bool, u8)> = on
@@ -174,7 +222,10 @@ fn flows_agree_with_a_packet_capture() {
                 .collect();
             let mut it = cap_seq.iter();
             for ev in &ev_seq {
-                assert!(it.any(|c| c == ev), "event {ev:?} out of capture order {cap_seq:?} ({what}); events {ev_seq:?}");
+                assert!(
+                    it.any(|c| c == ev),
+                    "event {ev:?} out of capture order {cap_seq:?} ({what}); events {ev_seq:?}"
+                );
             }
             let mut seen = [0u8; 2];
             for (reply, flags) in &cap_seq {
@@ -185,8 +236,14 @@ fn flows_agree_with_a_packet_capture() {
                 }
             }
             // Handshake RTT against the capture's SYN / SYN-ACK timestamps.
-            let syn = on.packets.iter().find(|p| on.is_forward(p) && p.tcp_flags().is_some_and(|f| f.is_syn()));
-            let synack = on.packets.iter().find(|p| !on.is_forward(p) && p.tcp_flags().is_some_and(|f| f.has(0x12)));
+            let syn = on
+                .packets
+                .iter()
+                .find(|p| on.is_forward(p) && p.tcp_flags().is_some_and(|f| f.is_syn()));
+            let synack = on
+                .packets
+                .iter()
+                .find(|p| !on.is_forward(p) && p.tcp_flags().is_some_and(|f| f.has(0x12)));
             if let (Some(a), Some(b)) = (syn, synack) {
                 let cap_rtt = nanos(b.ts) - nanos(a.ts);
                 let rtt = events
@@ -207,25 +264,54 @@ fn flows_agree_with_a_packet_capture() {
     // UDP, ICMPv4 and ICMPv6 echo, IPv6 TCP were all reported.
     let udp = flows
         .iter()
-        .find(|f| get(f, &["l4", "UDP", "destination_port"]).as_u64() == Some(5353) && flow_iface(f) == client.host_if)
+        .find(|f| {
+            get(f, &["l4", "UDP", "destination_port"]).as_u64() == Some(5353)
+                && flow_iface(f) == client.host_if
+        })
         .expect("UDP flow");
     let udp_frames: Vec<_> = packets
         .iter()
-        .filter(|p| p.iface == client.host_if && p.direction == Direction::In && p.dport() == Some(5353))
+        .filter(|p| {
+            p.iface == client.host_if && p.direction == Direction::In && p.dport() == Some(5353)
+        })
         .collect();
     assert_eq!(udp_frames.len(), 1);
     assert_eq!(u64_of(get(udp, &["counters", "orig_packets"])), 1);
-    assert_eq!(u64_of(get(udp, &["counters", "orig_bytes"])), u64::from(udp_frames[0].frame_len));
+    assert_eq!(
+        u64_of(get(udp, &["counters", "orig_bytes"])),
+        u64::from(udp_frames[0].frame_len)
+    );
     assert_eq!(s(udp, &["source", "pod_name"]), "client");
     assert_eq!(s(udp, &["destination", "pod_name"]), "server");
     assert_eq!(s(udp, &["destination", "namespace"]), "lab");
-    assert!(flows.iter().any(|f| get(f, &["l4", "ICMPv4", "type"]).as_u64() == Some(8)), "ICMPv4 echo flow");
-    assert!(flows.iter().any(|f| get(f, &["l4", "ICMPv6", "type"]).as_u64() == Some(128)), "ICMPv6 echo flow");
-    assert!(flows.iter().any(|f| s(f, &["IP", "ipVersion"]) == "IPv6" && get(f, &["l4", "TCP"]).is_object()), "TCP over IPv6 flow");
+    assert!(
+        flows
+            .iter()
+            .any(|f| get(f, &["l4", "ICMPv4", "type"]).as_u64() == Some(8)),
+        "ICMPv4 echo flow"
+    );
+    assert!(
+        flows
+            .iter()
+            .any(|f| get(f, &["l4", "ICMPv6", "type"]).as_u64() == Some(128)),
+        "ICMPv6 echo flow"
+    );
+    assert!(
+        flows
+            .iter()
+            .any(|f| s(f, &["IP", "ipVersion"]) == "IPv6" && get(f, &["l4", "TCP"]).is_object()),
+        "TCP over IPv6 flow"
+    );
     let refused = flows
         .iter()
-        .filter(|f| get(f, &["l4", "TCP", "destination_port"]).as_u64() == Some(9) || get(f, &["l4", "TCP", "source_port"]).as_u64() == Some(9))
-        .any(|f| s(f, &["lumen_event_kind"]) == "FLOW_CLOSE" && flags_of(get(f, &["tcp_flags_seen"])) & 0x04 != 0);
+        .filter(|f| {
+            get(f, &["l4", "TCP", "destination_port"]).as_u64() == Some(9)
+                || get(f, &["l4", "TCP", "source_port"]).as_u64() == Some(9)
+        })
+        .any(|f| {
+            s(f, &["lumen_event_kind"]) == "FLOW_CLOSE"
+                && flags_of(get(f, &["tcp_flags_seen"])) & 0x04 != 0
+        });
     assert!(refused, "refused connection reported closed with RST");
 
     // ServerStatus agrees with what was served.
@@ -244,9 +330,18 @@ fn flows_agree_with_a_packet_capture() {
 fn datapath_counts(e: &Exporter) -> BTreeMap<&'static str, f64> {
     let text = e.scrape();
     let mut m = BTreeMap::new();
-    m.insert("attempted", parse_metric(&text, "lumen_datapath_events_attempted_total", ""));
-    m.insert("emitted", parse_metric(&text, "lumen_datapath_events_emitted_total", ""));
-    m.insert("lost", parse_metric(&text, "lumen_lost_events_total", "source=\"ring_buffer\""));
+    m.insert(
+        "attempted",
+        parse_metric(&text, "lumen_datapath_events_attempted_total", ""),
+    );
+    m.insert(
+        "emitted",
+        parse_metric(&text, "lumen_datapath_events_emitted_total", ""),
+    );
+    m.insert(
+        "lost",
+        parse_metric(&text, "lumen_lost_events_total", "source=\"ring_buffer\""),
+    );
     m
 }
 
@@ -266,22 +361,39 @@ fn a_full_ring_buffer_counts_lost_events() {
         None,
         &["--interface", &pattern, "--ring-buffer-bytes", "4096"],
     );
-    wait_attached(&[a.host_if.clone(), b.host_if.clone()], Duration::from_secs(10));
+    wait_attached(
+        &[a.host_if.clone(), b.host_if.clone()],
+        Duration::from_secs(10),
+    );
     // A flood of new flows: 3000 UDP datagrams to distinct ports.
     let script = format!(
         "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nfor p in range(20000,23000):\n    s.sendto(b'x',('{}',p))\n",
         b.ipv4
     );
     let out = a.exec(&["python3", "-c", &script]).expect("flood");
-    assert!(out.status.success(), "flood: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "flood: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::thread::sleep(Duration::from_millis(2500));
     let c = datapath_counts(&exporter);
-    assert!(c["lost"] > 0.0, "expected lost events with a 4 KiB ring: {c:?}");
-    assert_eq!(c["emitted"] + c["lost"], c["attempted"], "emitted + lost == attempted: {c:?}");
+    assert!(
+        c["lost"] > 0.0,
+        "expected lost events with a 4 KiB ring: {c:?}"
+    );
+    assert_eq!(
+        c["emitted"] + c["lost"],
+        c["attempted"],
+        "emitted + lost == attempted: {c:?}"
+    );
     // ServerStatus reports it too (Lumen extension), and `lumen status` shows it.
     let status = lumen(&["status", "--server", &exporter.server]);
     let text = String::from_utf8_lossy(&status.stdout).to_lowercase();
-    assert!(status.status.success() && text.contains("lost"), "lumen status: {text}");
+    assert!(
+        status.status.success() && text.contains("lost"),
+        "lumen status: {text}"
+    );
     let _ = &mut lab;
 }
 
@@ -296,13 +408,22 @@ fn interfaces_are_followed_and_left_clean() {
     let prefix = &first.host_if[..first.host_if.len() - 1];
     let pattern = format!("{prefix}*");
     let mut exporter = Exporter::start("churn-node", None, &["--interface", &pattern]);
-    wait_attached(&[first.host_if.clone()], Duration::from_secs(10));
+    wait_attached(
+        std::slice::from_ref(&first.host_if),
+        Duration::from_secs(10),
+    );
 
     let late = lab.add_pod("late").expect("pod");
-    let took = wait_attached(&[late.host_if.clone()], Duration::from_secs(5));
-    assert!(took <= Duration::from_secs(1), "new endpoint attached after {took:?}");
+    let took = wait_attached(std::slice::from_ref(&late.host_if), Duration::from_secs(5));
+    assert!(
+        took <= Duration::from_secs(1),
+        "new endpoint attached after {took:?}"
+    );
     // Its traffic is observed.
-    assert!(late.ping(IpAddr::V4(first.ipv4), 1).expect("ping").all_answered());
+    assert!(late
+        .ping(IpAddr::V4(first.ipv4), 1)
+        .expect("ping")
+        .all_answered());
     std::thread::sleep(Duration::from_millis(300));
     let fl = flows(&observe_json(&exporter.server, &["--all"]));
     assert!(
@@ -314,11 +435,14 @@ fn interfaces_are_followed_and_left_clean() {
     std::thread::sleep(Duration::from_millis(500));
     let log = exporter.log();
     assert!(
-        !log.lines().any(|l| (l.contains("WARN") || l.contains("ERROR")) && l.contains(&gone.host_if)),
+        !log.lines()
+            .any(|l| (l.contains("WARN") || l.contains("ERROR")) && l.contains(&gone.host_if)),
         "errors after removing {}: {log}",
         gone.host_if
     );
-    assert!(lumen(&["status", "--server", &exporter.server]).status.success());
+    assert!(lumen(&["status", "--server", &exporter.server])
+        .status
+        .success());
     let st = exporter.stop();
     assert!(st.success());
     for i in lab.interfaces() {
@@ -341,10 +465,14 @@ fn observe_filters_outputs_and_follow() {
     let eps = dir.path().join("endpoints.yaml");
     std::fs::write(&eps, endpoints_yaml("obs-node", &[&web, &cli])).unwrap();
     let exporter = Exporter::start("obs-node", Some(&eps), &[]);
-    wait_attached(&[web.host_if.clone(), cli.host_if.clone()], Duration::from_secs(10));
+    wait_attached(
+        &[web.host_if.clone(), cli.host_if.clone()],
+        Duration::from_secs(10),
+    );
     let _http = web.http_server(8080).expect("http");
     cli.http_get(IpAddr::V4(web.ipv4), 8080, "/").expect("http");
-    cli.http_get(IpAddr::V6(web.ipv6), 8080, "/").expect("http6");
+    cli.http_get(IpAddr::V6(web.ipv6), 8080, "/")
+        .expect("http6");
     cli.udp_send(IpAddr::V4(web.ipv4), 7777, b"x").expect("udp");
     std::thread::sleep(Duration::from_millis(400));
     let srv = exporter.server.clone();
@@ -355,15 +483,33 @@ fn observe_filters_outputs_and_follow() {
     assert!(!udp.is_empty() && udp.iter().all(|f| get(f, &["l4", "UDP"]).is_object()));
     let port = flows(&observe_json(&srv, &["--all", "--to-port", "8080"]));
     assert!(!port.is_empty());
-    assert!(port.iter().all(|f| get(f, &["l4", "TCP", "destination_port"]).as_u64() == Some(8080)));
+    assert!(port
+        .iter()
+        .all(|f| get(f, &["l4", "TCP", "destination_port"]).as_u64() == Some(8080)));
     let from_pod = flows(&observe_json(&srv, &["--all", "--from-pod", "lab/cli"]));
-    assert!(!from_pod.is_empty() && from_pod.iter().all(|f| s(f, &["source", "pod_name"]) == "cli"));
+    assert!(
+        !from_pod.is_empty()
+            && from_pod
+                .iter()
+                .all(|f| s(f, &["source", "pod_name"]) == "cli")
+    );
     let v6 = flows(&observe_json(&srv, &["--all", "-6"]));
     assert!(!v6.is_empty() && v6.iter().all(|f| s(f, &["IP", "ipVersion"]) == "IPv6"));
-    let not_tcp = flows(&observe_json(&srv, &["--all", "--not", "--protocol", "tcp"]));
+    let not_tcp = flows(&observe_json(
+        &srv,
+        &["--all", "--not", "--protocol", "tcp"],
+    ));
     assert!(!not_tcp.is_empty() && not_tcp.iter().all(|f| !get(f, &["l4", "TCP"]).is_object()));
-    let ingress = flows(&observe_json(&srv, &["--all", "--traffic-direction", "ingress"]));
-    assert!(!ingress.is_empty() && ingress.iter().all(|f| s(f, &["traffic_direction"]) == "INGRESS"));
+    let ingress = flows(&observe_json(
+        &srv,
+        &["--all", "--traffic-direction", "ingress"],
+    ));
+    assert!(
+        !ingress.is_empty()
+            && ingress
+                .iter()
+                .all(|f| s(f, &["traffic_direction"]) == "INGRESS")
+    );
     let label = flows(&observe_json(&srv, &["--all", "--from-label", "app=web"]));
     assert!(!label.is_empty() && label.iter().all(|f| s(f, &["source", "pod_name"]) == "web"));
     let last3 = observe_json(&srv, &["--last", "3"]);
@@ -375,10 +521,27 @@ fn observe_filters_outputs_and_follow() {
     assert!(none.is_empty());
 
     for fmt in ["compact", "table", "dict"] {
-        let out = lumen(&["observe", "--server", &srv, "--last", "5", "--from-pod", "lab/cli", "-o", fmt]);
-        assert!(out.status.success(), "{fmt}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = lumen(&[
+            "observe",
+            "--server",
+            &srv,
+            "--last",
+            "5",
+            "--from-pod",
+            "lab/cli",
+            "-o",
+            fmt,
+        ]);
+        assert!(
+            out.status.success(),
+            "{fmt}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.contains("cli") || text.contains("web"), "{fmt} output names pods: {text}");
+        assert!(
+            text.contains("cli") || text.contains("web"),
+            "{fmt} output names pods: {text}"
+        );
     }
 
     // --follow sees a flow that happens after it started.
@@ -407,48 +570,104 @@ fn bad_input_is_rejected_and_last_good_state_kept() {
     let eps = dir.path().join("endpoints.yaml");
     std::fs::write(&eps, endpoints_yaml("bad-node", &[&a, &b])).unwrap();
     let exporter = Exporter::start("bad-node", Some(&eps), &[]);
-    wait_attached(&[a.host_if.clone(), b.host_if.clone()], Duration::from_secs(10));
+    wait_attached(
+        &[a.host_if.clone(), b.host_if.clone()],
+        Duration::from_secs(10),
+    );
 
     // A broken endpoints file is rejected with file and line; the old metadata stays.
-    std::fs::write(&eps, "endpoints:\n  - pod: alpha\n    ips: [\"10.0.0.300\"]\n").unwrap();
+    std::fs::write(
+        &eps,
+        "endpoints:\n  - pod: alpha\n    ips: [\"10.0.0.300\"]\n",
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(1200));
     assert!(exporter.metric("lumen_metadata_reload_errors_total", "") >= 1.0);
     let log = exporter.log();
-    assert!(log.contains("endpoints.yaml:3"), "error names file and line: {log}");
+    assert!(
+        log.contains("endpoints.yaml:3"),
+        "error names file and line: {log}"
+    );
     a.udp_send(IpAddr::V4(b.ipv4), 4444, b"x").expect("udp");
     std::thread::sleep(Duration::from_millis(300));
-    let fl = flows(&observe_json(&exporter.server, &["--all", "--to-port", "4444"]));
-    assert!(fl.iter().any(|f| s(f, &["destination", "pod_name"]) == "beta"), "last good metadata kept");
+    let fl = flows(&observe_json(
+        &exporter.server,
+        &["--all", "--to-port", "4444"],
+    ));
+    assert!(
+        fl.iter()
+            .any(|f| s(f, &["destination", "pod_name"]) == "beta"),
+        "last good metadata kept"
+    );
 
     // Bad CLI flags and an unreachable server: one line, non-zero exit.
-    let bad = lumen(&["observe", "--server", &exporter.server, "--verdict", "SIDEWAYS"]);
+    let bad = lumen(&[
+        "observe",
+        "--server",
+        &exporter.server,
+        "--verdict",
+        "SIDEWAYS",
+    ]);
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
-    assert!(err.trim().lines().count() <= 2 && err.contains("SIDEWAYS"), "{err}");
+    assert!(
+        err.trim().lines().count() <= 2 && err.contains("SIDEWAYS"),
+        "{err}"
+    );
     let unreachable = lumen(&["status", "--server", &format!("127.0.0.1:{}", free_port())]);
     assert!(!unreachable.status.success());
-    assert_eq!(String::from_utf8_lossy(&unreachable.stderr).trim().lines().count(), 1);
+    assert_eq!(
+        String::from_utf8_lossy(&unreachable.stderr)
+            .trim()
+            .lines()
+            .count(),
+        1
+    );
 
     // An invalid filter straight over gRPC: INVALID_ARGUMENT, and the server keeps serving.
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        use lumen_proto::{flow::FlowFilter, observer::{observer_client::ObserverClient, GetFlowsRequest, ServerStatusRequest}};
-        let mut c = ObserverClient::connect(format!("http://{}", exporter.server)).await.unwrap();
+        use lumen_proto::{
+            flow::FlowFilter,
+            observer::{observer_client::ObserverClient, GetFlowsRequest, ServerStatusRequest},
+        };
+        let mut c = ObserverClient::connect(format!("http://{}", exporter.server))
+            .await
+            .unwrap();
         let req = GetFlowsRequest {
             number: 10,
-            whitelist: vec![FlowFilter { source_ip: vec!["10.0.0.300/99".into()], ..Default::default() }],
+            whitelist: vec![FlowFilter {
+                source_ip: vec!["10.0.0.300/99".into()],
+                ..Default::default()
+            }],
             ..Default::default()
         };
         let err = c.get_flows(req).await.expect_err("invalid filter");
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(err.message().contains("10.0.0.300/99"), "{}", err.message());
         let bad_time = GetFlowsRequest {
-            since: Some(prost_types::Timestamp { seconds: 2_000_000_000, nanos: 0 }),
-            until: Some(prost_types::Timestamp { seconds: 1_000_000_000, nanos: 0 }),
+            since: Some(prost_types::Timestamp {
+                seconds: 2_000_000_000,
+                nanos: 0,
+            }),
+            until: Some(prost_types::Timestamp {
+                seconds: 1_000_000_000,
+                nanos: 0,
+            }),
             ..Default::default()
         };
-        assert_eq!(c.get_flows(bad_time).await.expect_err("since > until").code(), tonic::Code::InvalidArgument);
-        let st = c.server_status(ServerStatusRequest {}).await.unwrap().into_inner();
+        assert_eq!(
+            c.get_flows(bad_time)
+                .await
+                .expect_err("since > until")
+                .code(),
+            tonic::Code::InvalidArgument
+        );
+        let st = c
+            .server_status(ServerStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
         assert!(st.seen_flows > 0);
     });
     let _ = &mut lab;

@@ -106,8 +106,11 @@ impl PolicyLab {
             Duration::from_secs(10),
         );
         let mut servers = Vec::new();
-        let mut echo = db.spawn(&["python3", "-c", ECHO_SERVER, "6379"]).expect("echo server");
-        db.wait_listening(&mut echo, "tcp", 6379).expect("echo listening");
+        let mut echo = db
+            .spawn(&["python3", "-c", ECHO_SERVER, "6379"])
+            .expect("echo server");
+        db.wait_listening(&mut echo, "tcp", 6379)
+            .expect("echo listening");
         servers.push(echo);
         servers.push(api.http_server(8080).expect("http"));
         PolicyLab {
@@ -134,7 +137,8 @@ impl PolicyLab {
     }
 
     fn connect(&self, from: &Pod, to: IpAddr, port: u16) -> ConnectOutcome {
-        from.tcp_connect(to, port, Duration::from_millis(800)).expect("tcp_connect")
+        from.tcp_connect(to, port, Duration::from_millis(800))
+            .expect("tcp_connect")
     }
 
     /// Wait until `check` holds (policy propagation), up to 5 s.
@@ -185,7 +189,11 @@ metadata:
 
 fn assert_text_contains(out: &std::process::Output, needles: &[&str]) {
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for n in needles {
         assert!(text.contains(n), "missing {n:?} in:\n{text}");
     }
@@ -203,22 +211,53 @@ fn enforce_drops_what_the_policy_denies_and_names_it() {
     // Before any policy: everyone connects.
     assert_eq!(pl.connect(&pl.web, db4, 6379), ConnectOutcome::Connected);
     pl.write_policy("db.yaml", &db_policy(None));
-    pl.wait_for("enforcement", || pl.connect(&pl.web, db4, 6379) != ConnectOutcome::Connected);
+    pl.wait_for("enforcement", || {
+        pl.connect(&pl.web, db4, 6379) != ConnectOutcome::Connected
+    });
     // web is denied (the connection really fails), api is allowed; IPv4 and IPv6.
     for ip in [db4, db6] {
-        assert_eq!(pl.connect(&pl.api, ip, 6379), ConnectOutcome::Connected, "api -> {ip}");
-        assert_ne!(pl.connect(&pl.web, ip, 6379), ConnectOutcome::Connected, "web -> {ip}");
+        assert_eq!(
+            pl.connect(&pl.api, ip, 6379),
+            ConnectOutcome::Connected,
+            "api -> {ip}"
+        );
+        assert_ne!(
+            pl.connect(&pl.web, ip, 6379),
+            ConnectOutcome::Connected,
+            "web -> {ip}"
+        );
     }
     std::thread::sleep(Duration::from_millis(300));
-    let dropped = pl.flows(&["--from-pod", "prod/web", "--to-port", "6379", "--verdict", "DROPPED"]);
+    let dropped = pl.flows(&[
+        "--from-pod",
+        "prod/web",
+        "--to-port",
+        "6379",
+        "--verdict",
+        "DROPPED",
+    ]);
     assert!(!dropped.is_empty(), "no DROPPED flow for web -> db");
     for f in &dropped {
         assert_eq!(s(f, &["drop_reason_desc"]), "POLICY_DENIED", "{f}");
-        assert_eq!(attributed(f, "ingress_denied_by"), vec!["db-ingress"], "{f}");
+        assert_eq!(
+            attributed(f, "ingress_denied_by"),
+            vec!["db-ingress"],
+            "{f}"
+        );
         assert_eq!(s(f, &["traffic_direction"]), "INGRESS");
     }
-    assert!(dropped.iter().any(|f| s(f, &["IP", "ipVersion"]) == "IPv6"), "IPv6 drop reported");
-    let allowed = pl.flows(&["--from-pod", "prod/api", "--to-port", "6379", "--to-pod", "prod/db"]);
+    assert!(
+        dropped.iter().any(|f| s(f, &["IP", "ipVersion"]) == "IPv6"),
+        "IPv6 drop reported"
+    );
+    let allowed = pl.flows(&[
+        "--from-pod",
+        "prod/api",
+        "--to-port",
+        "6379",
+        "--to-pod",
+        "prod/db",
+    ]);
     let at_db: Vec<&Value> = allowed
         .iter()
         .filter(|f| s(f, &["interface", "name"]) == pl.db.host_if)
@@ -226,10 +265,23 @@ fn enforce_drops_what_the_policy_denies_and_names_it() {
     assert!(!at_db.is_empty());
     for f in at_db {
         assert_eq!(s(f, &["verdict"]), "FORWARDED");
-        assert_eq!(attributed(f, "ingress_allowed_by"), vec!["db-ingress"], "{f}");
+        assert_eq!(
+            attributed(f, "ingress_allowed_by"),
+            vec!["db-ingress"],
+            "{f}"
+        );
     }
     // The compact output names the deciding policy.
-    let compact = lumen(&["observe", "--server", pl.server(), "--all", "--verdict", "DROPPED", "--from-pod", "prod/web"]);
+    let compact = lumen(&[
+        "observe",
+        "--server",
+        pl.server(),
+        "--all",
+        "--verdict",
+        "DROPPED",
+        "--from-pod",
+        "prod/web",
+    ]);
     assert_text_contains(&compact, &["DROPPED", "db-ingress"]);
     // Inspection: policies as loaded, the kernel's map in human terms, identities.
     assert_text_contains(
@@ -240,8 +292,26 @@ fn enforce_drops_what_the_policy_denies_and_names_it() {
         &lumen(&["policy", "get", "prod/db-ingress", "--server", pl.server()]),
         &["Selects:    1 endpoints", "prod/db"],
     );
-    let dump = lumen(&["policy", "dump", "--endpoint", "prod/db", "--server", pl.server()]);
-    assert_text_contains(&dump, &["INGRESS", "ALLOW", "app=api", "6379", "TCP", "db-ingress", "DENY"]);
+    let dump = lumen(&[
+        "policy",
+        "dump",
+        "--endpoint",
+        "prod/db",
+        "--server",
+        pl.server(),
+    ]);
+    assert_text_contains(
+        &dump,
+        &[
+            "INGRESS",
+            "ALLOW",
+            "app=api",
+            "6379",
+            "TCP",
+            "db-ingress",
+            "DENY",
+        ],
+    );
     assert_text_contains(
         &lumen(&["identity", "list", "--server", pl.server()]),
         &["reserved:world", "k8s:app=db"],
@@ -261,25 +331,41 @@ fn audit_reports_would_be_denials_and_switching_to_enforce_breaks_nothing_allowe
     let db4 = IpAddr::V4(pl.db.ipv4);
     pl.write_policy("db.yaml", &db_policy(Some("audit")));
     pl.wait_for("audit policy loaded", || {
-        String::from_utf8_lossy(&lumen(&["policy", "list", "--server", pl.server()]).stdout).contains("db-ingress")
+        String::from_utf8_lossy(&lumen(&["policy", "list", "--server", pl.server()]).stdout)
+            .contains("db-ingress")
     });
     std::thread::sleep(Duration::from_millis(200));
     // Audit: both connect; web's flow is AUDIT, attributed to the would-be-denying policy.
     assert_eq!(pl.connect(&pl.api, db4, 6379), ConnectOutcome::Connected);
     assert_eq!(pl.connect(&pl.web, db4, 6379), ConnectOutcome::Connected);
     std::thread::sleep(Duration::from_millis(300));
-    let audit = pl.flows(&["--from-pod", "prod/web", "--to-port", "6379", "--verdict", "AUDIT"]);
+    let audit = pl.flows(&[
+        "--from-pod",
+        "prod/web",
+        "--to-port",
+        "6379",
+        "--verdict",
+        "AUDIT",
+    ]);
     assert!(!audit.is_empty(), "no AUDIT flow");
     for f in &audit {
-        assert_eq!(attributed(f, "ingress_denied_by"), vec!["db-ingress"], "{f}");
+        assert_eq!(
+            attributed(f, "ingress_denied_by"),
+            vec!["db-ingress"],
+            "{f}"
+        );
     }
     let api_audit = pl.flows(&["--from-pod", "prod/api", "--verdict", "AUDIT"]);
-    assert!(api_audit.is_empty(), "allowed traffic reported as AUDIT: {api_audit:?}");
+    assert!(
+        api_audit.is_empty(),
+        "allowed traffic reported as AUDIT: {api_audit:?}"
+    );
 
     // Switch to enforce while an allowed connection is busy: it must not break.
     let api = pl.api.clone();
     let db_ip = pl.db.ipv4.to_string();
-    let client = std::thread::spawn(move || api.exec(&["python3", "-c", ECHO_CLIENT, &db_ip, "6379", "3"]));
+    let client =
+        std::thread::spawn(move || api.exec(&["python3", "-c", ECHO_CLIENT, &db_ip, "6379", "3"]));
     std::thread::sleep(Duration::from_millis(1000));
     pl.write_policy("db.yaml", &db_policy(None));
     let out = client.join().unwrap().expect("echo client");
@@ -289,9 +375,18 @@ fn audit_reports_would_be_denials_and_switching_to_enforce_breaks_nothing_allowe
         String::from_utf8_lossy(&out.stderr)
     );
     // The first denied attempt after the switch is dropped.
-    pl.wait_for("enforcement after the switch", || pl.connect(&pl.web, db4, 6379) != ConnectOutcome::Connected);
+    pl.wait_for("enforcement after the switch", || {
+        pl.connect(&pl.web, db4, 6379) != ConnectOutcome::Connected
+    });
     std::thread::sleep(Duration::from_millis(300));
-    let dropped = pl.flows(&["--from-pod", "prod/web", "--to-port", "6379", "--verdict", "DROPPED"]);
+    let dropped = pl.flows(&[
+        "--from-pod",
+        "prod/web",
+        "--to-port",
+        "6379",
+        "--verdict",
+        "DROPPED",
+    ]);
     assert!(!dropped.is_empty());
 }
 
@@ -345,19 +440,42 @@ spec:
     pl.write_policy("rules.yaml", &policy);
     let db4 = IpAddr::V4(pl.db.ipv4);
     let api4 = IpAddr::V4(pl.api.ipv4);
-    pl.wait_for("egress enforcement", || pl.connect(&pl.web, db4, 6379) != ConnectOutcome::Connected);
+    pl.wait_for("egress enforcement", || {
+        pl.connect(&pl.web, db4, 6379) != ConnectOutcome::Connected
+    });
     // Allowed egress: web -> api:8080 (v4 and v6) and the CIDR (the bridge address).
     assert_eq!(pl.connect(&pl.web, api4, 8080), ConnectOutcome::Connected);
-    assert_eq!(pl.connect(&pl.web, IpAddr::V6(pl.api.ipv6), 8080), ConnectOutcome::Connected);
-    assert!(pl.web.ping(IpAddr::V4(bridge4), 1).expect("ping").all_answered(), "toCIDR allows the bridge");
+    assert_eq!(
+        pl.connect(&pl.web, IpAddr::V6(pl.api.ipv6), 8080),
+        ConnectOutcome::Connected
+    );
+    assert!(
+        pl.web
+            .ping(IpAddr::V4(bridge4), 1)
+            .expect("ping")
+            .all_answered(),
+        "toCIDR allows the bridge"
+    );
     // Not allowed: web -> api on another port, web -> db (egress default deny at web).
     assert_ne!(pl.connect(&pl.web, api4, 6379), ConnectOutcome::Connected);
     // The explicit deny on db: api -> db is allowed by `fromEndpoints: [{}]`.
     assert_eq!(pl.connect(&pl.api, db4, 6379), ConnectOutcome::Connected);
     std::thread::sleep(Duration::from_millis(300));
-    let egress_drops = pl.flows(&["--from-pod", "prod/web", "--verdict", "DROPPED", "--traffic-direction", "egress"]);
+    let egress_drops = pl.flows(&[
+        "--from-pod",
+        "prod/web",
+        "--verdict",
+        "DROPPED",
+        "--traffic-direction",
+        "egress",
+    ]);
     assert!(!egress_drops.is_empty());
-    assert!(egress_drops.iter().all(|f| attributed(f, "egress_denied_by") == vec!["web-egress"]), "{egress_drops:?}");
+    assert!(
+        egress_drops
+            .iter()
+            .all(|f| attributed(f, "egress_denied_by") == vec!["web-egress"]),
+        "{egress_drops:?}"
+    );
     // db's explicit deny decides at db's interface with POLICY_DENY (181) when web's egress
     // is opened up: allow web everything on egress and retry.
     let open_egress = policy.replace(
@@ -368,10 +486,21 @@ spec:
     std::thread::sleep(Duration::from_millis(800));
     assert_ne!(pl.connect(&pl.web, db4, 6379), ConnectOutcome::Connected);
     std::thread::sleep(Duration::from_millis(300));
-    let denied = pl.flows(&["--from-pod", "prod/web", "--to-pod", "prod/db", "--verdict", "DROPPED", "--traffic-direction", "ingress"]);
+    let denied = pl.flows(&[
+        "--from-pod",
+        "prod/web",
+        "--to-pod",
+        "prod/db",
+        "--verdict",
+        "DROPPED",
+        "--traffic-direction",
+        "ingress",
+    ]);
     assert!(
-        denied.iter().any(|f| s(f, &["drop_reason_desc"]) == "POLICY_DENY"
-            && attributed(f, "ingress_denied_by") == vec!["db-deny-web"]),
+        denied
+            .iter()
+            .any(|f| s(f, &["drop_reason_desc"]) == "POLICY_DENY"
+                && attributed(f, "ingress_denied_by") == vec!["db-deny-web"]),
         "explicit deny reported: {denied:?}"
     );
 }
@@ -385,7 +514,9 @@ fn a_bad_policy_file_keeps_the_previous_policy_in_force() {
     let pl = PolicyLab::new("polbad");
     let db4 = IpAddr::V4(pl.db.ipv4);
     pl.write_policy("db.yaml", &db_policy(None));
-    pl.wait_for("enforcement", || pl.connect(&pl.web, db4, 6379) != ConnectOutcome::Connected);
+    pl.wait_for("enforcement", || {
+        pl.connect(&pl.web, db4, 6379) != ConnectOutcome::Connected
+    });
     let bad_cases = [
         ("unknown field", db_policy(None).replace("  ingress:\n", "  ingresss:\n"), "ingresss"),
         ("L7 rules", db_policy(None).replace("              protocol: TCP\n", "              protocol: TCP\n          rules:\n            http:\n              - method: GET\n"), "rules"),
@@ -395,7 +526,9 @@ fn a_bad_policy_file_keeps_the_previous_policy_in_force() {
     let mut errors_before = pl.exporter.metric("lumen_policy_reload_errors_total", "");
     for (what, yaml, needle) in bad_cases {
         pl.write_policy("db.yaml", &yaml);
-        pl.wait_for(what, || pl.exporter.metric("lumen_policy_reload_errors_total", "") > errors_before);
+        pl.wait_for(what, || {
+            pl.exporter.metric("lumen_policy_reload_errors_total", "") > errors_before
+        });
         errors_before = pl.exporter.metric("lumen_policy_reload_errors_total", "");
         let log = pl.exporter.log();
         let line = log
@@ -403,10 +536,21 @@ fn a_bad_policy_file_keeps_the_previous_policy_in_force() {
             .rev()
             .find(|l| l.contains("rejected policy file"))
             .unwrap_or_default();
-        assert!(line.contains("db.yaml") && line.contains("document 1") && line.contains(needle), "{what}: {line}");
+        assert!(
+            line.contains("db.yaml") && line.contains("document 1") && line.contains(needle),
+            "{what}: {line}"
+        );
         // The previous policy is still enforced.
-        assert_ne!(pl.connect(&pl.web, db4, 6379), ConnectOutcome::Connected, "{what}");
-        assert_eq!(pl.connect(&pl.api, db4, 6379), ConnectOutcome::Connected, "{what}");
+        assert_ne!(
+            pl.connect(&pl.web, db4, 6379),
+            ConnectOutcome::Connected,
+            "{what}"
+        );
+        assert_eq!(
+            pl.connect(&pl.api, db4, 6379),
+            ConnectOutcome::Connected,
+            "{what}"
+        );
     }
     let _ = Path::new("");
 }

@@ -94,7 +94,14 @@ pub fn run(args: DemoArgs) -> Result<()> {
 
     let dir = tempfile::tempdir()?;
     let endpoints = dir.path().join("endpoints.yaml");
-    std::fs::write(&endpoints, endpoints_yaml(&[(&web, "web", "frontend"), (&api, "api", "backend"), (&db, "db", "storage")]))?;
+    std::fs::write(
+        &endpoints,
+        endpoints_yaml(&[
+            (&web, "web", "frontend"),
+            (&api, "api", "backend"),
+            (&db, "db", "storage"),
+        ]),
+    )?;
 
     let port = free_port()?;
     let server = format!("127.0.0.1:{port}");
@@ -124,7 +131,15 @@ pub fn run(args: DemoArgs) -> Result<()> {
 
     let observe = Proc(
         Command::new(bin.join("lumen"))
-            .args(["observe", "--server", &server, "--follow", "-o", &args.output, "--print-node-name"])
+            .args([
+                "observe",
+                "--server",
+                &server,
+                "--follow",
+                "-o",
+                &args.output,
+                "--print-node-name",
+            ])
             .stdin(Stdio::null())
             .spawn()
             .context("starting lumen observe")?,
@@ -156,14 +171,22 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let ifaces = lab.host_interfaces();
     let attached: Vec<String> = ifaces
         .iter()
-        .filter_map(|i| lumen_lab::attachments(i).ok().filter(|a| !a.is_empty()).map(|a| format!("{i}: {a}")))
+        .filter_map(|i| {
+            lumen_lab::attachments(i)
+                .ok()
+                .filter(|a| !a.is_empty())
+                .map(|a| format!("{i}: {a}"))
+        })
         .collect();
     drop(lab);
     if attached.is_empty() {
         eprintln!("demo: lab removed; nothing left attached");
         Ok(())
     } else {
-        bail!("programs still attached after shutdown: {}", attached.join("; "))
+        bail!(
+            "programs still attached after shutdown: {}",
+            attached.join("; ")
+        )
     }
 }
 
@@ -174,20 +197,33 @@ fn traffic_round(web: &Pod, api: &Pod, db: &Pod, round: u32) {
             eprintln!("demo: {what}: {e:#}");
         }
     };
-    report("http v4", api.http_get(IpAddr::V4(web.ipv4), 8080, "/").map(drop));
-    if round % 2 == 0 {
-        report("http v6", api.http_get(IpAddr::V6(web.ipv6), 8080, "/").map(drop));
+    report(
+        "http v4",
+        api.http_get(IpAddr::V4(web.ipv4), 8080, "/").map(drop),
+    );
+    if round.is_multiple_of(2) {
+        report(
+            "http v6",
+            api.http_get(IpAddr::V6(web.ipv6), 8080, "/").map(drop),
+        );
     }
     report(
         "udp",
-        web.udp_send(IpAddr::V4(db.ipv4), 5353, format!("lumen demo {round}").as_bytes()),
+        web.udp_send(
+            IpAddr::V4(db.ipv4),
+            5353,
+            format!("lumen demo {round}").as_bytes(),
+        ),
     );
-    if round % 3 == 0 {
+    if round.is_multiple_of(3) {
         report("ping v4", api.ping(IpAddr::V4(db.ipv4), 1).map(drop));
         report("ping v6", web.ping(IpAddr::V6(api.ipv6), 1).map(drop));
     }
     if round % 4 == 1 {
-        report("refused", api.tcp_connect_refused(IpAddr::V4(db.ipv4), 6379).map(drop));
+        report(
+            "refused",
+            api.tcp_connect_refused(IpAddr::V4(db.ipv4), 6379).map(drop),
+        );
     }
 }
 
@@ -221,4 +257,3 @@ fn wait_for_port(addr: &str, timeout: Duration) -> Result<()> {
     }
     bail!("the node exporter did not listen on {addr} within {timeout:?}")
 }
-

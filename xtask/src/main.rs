@@ -78,7 +78,17 @@ fn test(with_bench: bool) -> Result<()> {
     let started = std::time::Instant::now();
     setup::run()?;
     sh::cargo(&["fmt", "--all", "--", "--check"], &[])?;
-    sh::cargo(&["clippy", "--locked", "--all-targets", "--", "-D", "warnings"], &[])?;
+    sh::cargo(
+        &[
+            "clippy",
+            "--locked",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[],
+    )?;
     // As root (CI), privileged lab tests must run, never skip; they serialize themselves
     // on a lab lock, so one `cargo test` runs every unit, component and lab test.
     let env: &[(&str, &str)] = if is_root() {
@@ -102,7 +112,14 @@ fn bench() -> Result<()> {
         &[]
     };
     sh::cargo(
-        &["bench", "--locked", "-p", "lumen-node-exporter", "--bench", "datapath"],
+        &[
+            "bench",
+            "--locked",
+            "-p",
+            "lumen-node-exporter",
+            "--bench",
+            "datapath",
+        ],
         env,
     )
 }

@@ -35,7 +35,10 @@ fn nightly_rust_src() -> Result<()> {
     let toolchains = sh::output("rustup", &["toolchain", "list"])?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         eprintln!("setup: installing the nightly toolchain (minimal profile)");
-        sh::run("rustup", &["toolchain", "install", "nightly", "--profile", "minimal"])?;
+        sh::run(
+            "rustup",
+            &["toolchain", "install", "nightly", "--profile", "minimal"],
+        )?;
     }
     let installed = sh::output(
         "rustup",
@@ -64,7 +67,9 @@ fn nightly_llvm_major() -> Result<String> {
 }
 
 fn cache_dir() -> PathBuf {
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into());
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into());
     home.join(".cache/lumen")
 }
 
@@ -87,13 +92,18 @@ fn bpf_linker() -> Result<()> {
     let have_linker = Command::new("bpf-linker")
         .arg("--version")
         .output()
-        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .map(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        })
         .unwrap_or(false);
     if have_linker && std::fs::read_to_string(&marker).is_ok_and(|m| m.trim() == marker_text) {
         eprintln!("setup: bpf-linker {BPF_LINKER_VERSION} for LLVM {major} present");
         return Ok(());
     }
-    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {major} ({})", so.display());
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {major} ({})",
+        so.display()
+    );
     let prefix = cache_dir().join(format!("llvm-{major}"));
     let plib = prefix.join("lib");
     std::fs::create_dir_all(&plib)?;

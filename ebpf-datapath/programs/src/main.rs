@@ -22,10 +22,10 @@ use aya_ebpf::{
 };
 use lumen_datapath_common::{
     direction, flow_flags, hook, tcp_flags, verdict, ConntrackEntry, Counter, DatapathConfig,
-    EndpointValue, EventHeader, EventKind, FlowEvent, FlowKey, FlowReason, IpcacheValue,
-    PolicyKey, PolicyValue, ABI_VERSION, AGGREGATION_NONE, COUNTER_SLOTS,
-    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_IPCACHE_ENTRIES, DEFAULT_POLICY_ENTRIES,
-    DEFAULT_RING_BYTES, MAX_ENDPOINTS, POLICY_PREFIX_FULL,
+    EndpointValue, EventHeader, EventKind, FlowEvent, FlowKey, FlowReason, IpcacheValue, PolicyKey,
+    PolicyValue, ABI_VERSION, AGGREGATION_NONE, COUNTER_SLOTS, DEFAULT_CONNTRACK_ENTRIES,
+    DEFAULT_IPCACHE_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_RING_BYTES, MAX_ENDPOINTS,
+    POLICY_PREFIX_FULL,
 };
 
 use crate::parse::parse_packet;
@@ -339,7 +339,8 @@ fn try_observe(ctx: &TcContext, hook: u8) -> Result<i32, Counter> {
                     e.syn_ns = now;
                 }
                 if is_reply
-                    && flags & (tcp_flags::SYN | tcp_flags::ACK) == (tcp_flags::SYN | tcp_flags::ACK)
+                    && flags & (tcp_flags::SYN | tcp_flags::ACK)
+                        == (tcp_flags::SYN | tcp_flags::ACK)
                     && e.handshake_rtt_ns == 0
                     && e.syn_ns != 0
                 {

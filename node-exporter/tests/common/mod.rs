@@ -98,7 +98,14 @@ impl Exporter {
         let metrics = format!("127.0.0.1:{}", free_port());
         let stderr_log = dir.path().join("exporter.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lumen-node-exporter"));
-        cmd.args(["--node-name", node, "--listen-address", &server, "--metrics-address", &metrics]);
+        cmd.args([
+            "--node-name",
+            node,
+            "--listen-address",
+            &server,
+            "--metrics-address",
+            &metrics,
+        ]);
         if let Some(e) = endpoints {
             cmd.arg("--endpoints-file").arg(e);
         }
@@ -132,7 +139,11 @@ impl Exporter {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("node exporter did not listen on {}: {}", self.server, self.log());
+        panic!(
+            "node exporter did not listen on {}: {}",
+            self.server,
+            self.log()
+        );
     }
 
     pub fn log(&self) -> String {
