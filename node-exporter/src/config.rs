@@ -37,6 +37,9 @@ pub struct Config {
     pub policy_dir: Option<PathBuf>,
     /// Node-wide enforcement mode (endpoints and policies may override it).
     pub policy_mode: lumen_policy::EnforcementMode,
+    /// Identity-relevant label patterns (Cilium's `--labels`: `k8s:app`, `!pod-template-hash`);
+    /// the namespace label always counts. Empty: every label but pod-template-hash-like ones.
+    pub identity_labels: Vec<String>,
     /// Flows kept in memory.
     pub flow_ring_capacity: usize,
     /// BPF ring buffer size in bytes (power of two, multiple of 4096).
@@ -80,6 +83,7 @@ impl Default for Config {
             policy_dir: None,
             // As Cilium: policies are enforced unless an endpoint or policy says audit.
             policy_mode: lumen_policy::EnforcementMode::Enforce,
+            identity_labels: Vec::new(),
             // About 32 MiB of flows.
             flow_ring_capacity: (32 << 20) / STORED_FLOW_BYTES,
             // 8 MiB holds ~55k events: several seconds of bursts at the drain interval.

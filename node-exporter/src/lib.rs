@@ -156,7 +156,7 @@ pub async fn run(
         let watcher = EndpointsWatcher {
             path,
             poll: config.endpoints_poll_interval,
-            allocator: lumen_policy::IdentityAllocator::default(),
+            allocator: identity_allocator(&config.identity_labels)?,
         };
         let kick = kick_tx.clone();
         tokio::spawn(watcher.run(
@@ -342,6 +342,16 @@ fn reconcile(state: &NodeState, patterns: &InterfacePatterns) {
     for (name, idx) in attached {
         names.insert(idx, name);
     }
+}
+
+/// The identity allocator for the configured identity-relevant label patterns (Cilium's
+/// `--labels` syntax: `[source:]key-prefix`, `!` to exclude; empty = the default set).
+pub fn identity_allocator(patterns: &[String]) -> anyhow::Result<lumen_policy::IdentityAllocator> {
+    if patterns.is_empty() {
+        return Ok(lumen_policy::IdentityAllocator::default());
+    }
+    lumen_policy::IdentityAllocator::from_patterns(patterns)
+        .map_err(|e| anyhow::anyhow!("identity_labels: {e}"))
 }
 
 /// Compile the policy set against the current metadata and program the datapath maps

@@ -116,7 +116,9 @@ impl EndpointsWatcher {
                             generation = snap.generation,
                             "endpoint metadata loaded"
                         );
-                        for c in snap.index.identities().collisions() {
+                        let collisions = snap.index.identities().collisions();
+                        metrics.identity_collisions.set(collisions.len() as i64);
+                        for c in collisions {
                             tracing::warn!(collision = ?c, "identity collision resolved");
                         }
                         on_change(&snap);

@@ -32,6 +32,7 @@ pub mod names {
     pub const ATTACHED_INTERFACES: &str = "lumen_attached_interfaces";
     pub const METADATA_RELOAD_ERRORS: &str = "lumen_metadata_reload_errors";
     pub const GRPC_CLIENTS: &str = "lumen_observer_clients";
+    pub const IDENTITY_COLLISIONS: &str = "lumen_identity_collisions";
     pub const POLICY_RELOAD_ERRORS: &str = "lumen_policy_reload_errors";
     pub const POLICY_GENERATION: &str = "lumen_policy_generation";
     pub const POLICY_VERDICTS: &str = "lumen_datapath_policy_verdicts";
@@ -92,6 +93,7 @@ pub struct Metrics {
     pub metadata_errors: Counter,
     pub grpc_clients: Gauge,
     pub policy_errors: Counter,
+    pub identity_collisions: Gauge,
     pub policy_generation: Gauge,
     pub policy_verdicts: Family<VerdictLabels, Counter>,
     last_dp: Mutex<DatapathCounters>,
@@ -125,6 +127,7 @@ impl Metrics {
             metadata_errors: Counter::default(),
             grpc_clients: Gauge::default(),
             policy_errors: Counter::default(),
+            identity_collisions: Gauge::default(),
             policy_generation: Gauge::default(),
             policy_verdicts: Family::default(),
             last_dp: Mutex::new(DatapathCounters::default()),
