@@ -19,6 +19,19 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "tshark",
     "bpftool",
     "python3",
+    // History tests start a private ClickHouse server (Debian's 18.16).
+    "clickhouse-server",
+    "clickhouse-client",
+];
+
+/// Python packages for independent test peers: chDB (ClickHouse 26.x in-process, for the
+/// modern schema and queries), grpcio + opentelemetry-proto (an OTLP receiver that is not
+/// Lumen's code). (import name, pip requirement)
+pub const PYTHON_PACKAGES: &[(&str, &str)] = &[
+    ("chdb", "chdb"),
+    ("grpc", "grpcio"),
+    ("opentelemetry.proto", "opentelemetry-proto"),
+    ("google.protobuf", "protobuf"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -27,6 +40,7 @@ pub fn run() -> Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     debian_packages(DEBIAN_PACKAGES)?;
+    python_packages(PYTHON_PACKAGES)?;
     eprintln!("setup: done");
     Ok(())
 }
@@ -160,4 +174,28 @@ pub fn debian_packages(pkgs: &[&str]) -> Result<()> {
     args.extend(&missing);
     sh::run_env("apt-get", &args, &env)?;
     Ok(())
+}
+
+/// Install the Python packages whose modules do not import (one pip run, nothing if all
+/// present).
+pub fn python_packages(pkgs: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = pkgs
+        .iter()
+        .filter(|(module, _)| {
+            !Command::new("python3")
+                .args(["-c", &format!("import {module}")])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        })
+        .map(|(_, req)| *req)
+        .collect();
+    if missing.is_empty() {
+        eprintln!("setup: Python packages present");
+        return Ok(());
+    }
+    eprintln!("setup: installing Python packages: {}", missing.join(" "));
+    let mut args = vec!["-m", "pip", "install", "--quiet"];
+    args.extend(&missing);
+    sh::run("python3", &args)
 }
