@@ -19,6 +19,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "tshark",
     "bpftool",
     "python3",
+    // Certificates for the TLS tests.
+    "openssl",
     // History tests start a private ClickHouse server (Debian's 18.16).
     "clickhouse-server",
     "clickhouse-client",
