@@ -150,6 +150,10 @@ pub fn to_flow(f: &StoredFlow, ctx: &ConvertContext<'_>) -> Flow {
                 source_port: u32::from(f.sport),
                 destination_port: u32::from(f.dport),
             })),
+            132 => Some(Protocol::Sctp(flow::Sctp {
+                source_port: u32::from(f.sport),
+                destination_port: u32::from(f.dport),
+            })),
             1 => Some(Protocol::IcmPv4(IcmPv4 {
                 r#type: u32::from(f.icmp_type),
                 code: u32::from(f.icmp_code),

@@ -263,11 +263,30 @@ pub fn desired_maps(
         }
     }
     for (net, id) in &compiled.ipcache {
+        // A policy prefix inside an endpoint's prefix (a CIDR-only external endpoint) keeps
+        // that endpoint's identity: the addresses still belong to the endpoint, as the
+        // evaluator and flow enrichment see them.
+        let owner = index
+            .endpoints()
+            .iter()
+            .flat_map(|ep| ep.ips.iter().map(move |n| (n, ep)))
+            .filter(|(n, _)| n.contains(net))
+            .max_by_key(|(n, _)| n.prefix_len())
+            .map(|(_, ep)| ep.identity);
         d.ipcache.entry(ipcache_key(net)).or_insert(IpcacheValue {
-            identity: id.0,
+            identity: owner.unwrap_or(*id).0,
             flags: 0,
         });
     }
+    // (After the policy prefixes: 0.0.0.0/0 of a policy is world-ipv4 and wins.)
+    // IPv4 lives IPv4-mapped in the trie: pin ::ffff:0.0.0.0/96 to world so an unknown IPv4
+    // address never falls through to a short IPv6 policy prefix such as ::/0.
+    d.ipcache
+        .entry((96, mapped(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))))
+        .or_insert(IpcacheValue {
+            identity: Identity::WORLD.0,
+            flags: 0,
+        });
     let mut with_policy = std::collections::HashSet::new();
     for ep in &compiled.endpoints {
         let Some(ifindex) = ep.endpoint.interface.as_deref().and_then(ifindex_of) else {

@@ -260,10 +260,31 @@ pub fn compile(
     let mut endpoints = Vec::new();
     for ep in index.local_endpoints(node) {
         let mode = ep.policy_mode.unwrap_or(node_mode);
+        // Only policies that select this endpoint or have rules applying to it can change
+        // its verdicts; evaluating over just those is what keeps compile time proportional
+        // to the policies that matter, not to the whole set.
+        let relevant: Vec<Policy> = policies
+            .iter()
+            .filter(|p| {
+                [Direction::Ingress, Direction::Egress]
+                    .into_iter()
+                    .any(|d| {
+                        p.selects(&ep.labels, d) || p.rules_for(&ep.labels, d).next().is_some()
+                    })
+            })
+            .cloned()
+            .collect();
+        let policies: &[Policy] = &relevant;
         let mut per_dir = Vec::new();
         for dir in [Direction::Ingress, Direction::Egress] {
-            let enforced =
-                mode != EnforcementMode::Off && policies.iter().any(|p| p.selects(&ep.labels, dir));
+            // Selected into default deny, or subject to a deny rule (a spec with
+            // `enableDefaultDeny: false` still applies its deny rules).
+            let enforced = mode != EnforcementMode::Off
+                && policies.iter().any(|p| {
+                    p.selects(&ep.labels, dir)
+                        || p.rules_for(&ep.labels, dir)
+                            .any(|(_, r)| r.action == crate::model::Action::Deny)
+                });
             // The default is what a peer no rule matches gets: a fresh peer with no labels,
             // no address and an identity no entity names matches only `Peers::Any` rules, so
             // compute it from selection alone.

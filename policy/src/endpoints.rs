@@ -283,13 +283,17 @@ impl EndpointsFile {
                 *n += 1;
                 *n
             };
-            let pod_line = finder
-                .find_key_value("pod", &ep.pod, pod_occurrence)
-                .unwrap_or(0);
+            // Only computed on the error paths: scanning the text per endpoint would make
+            // validation quadratic in the number of endpoints.
+            let pod_line = || {
+                finder
+                    .find_key_value("pod", &ep.pod, pod_occurrence)
+                    .unwrap_or(0)
+            };
             if let Some(&first_index) = pods.get(&(ep.namespace.as_deref(), ep.pod.as_str())) {
                 return Err(MetadataError::DuplicatePod {
                     file: file.into(),
-                    line: pod_line,
+                    line: pod_line(),
                     index,
                     pod: ep.pod.clone(),
                     namespace: ep.namespace.clone().unwrap_or_default(),
@@ -304,7 +308,7 @@ impl EndpointsFile {
                     *n
                 };
                 if let Some(&first_index) = ips.get(ip) {
-                    let line = finder.find_ip(ip, occurrence).unwrap_or(pod_line);
+                    let line = finder.find_ip(ip, occurrence).unwrap_or_else(pod_line);
                     return Err(MetadataError::DuplicateIp {
                         file: file.into(),
                         line,
@@ -324,7 +328,7 @@ impl EndpointsFile {
                         file: file.into(),
                         line: finder
                             .find_key_value("interface", iface, 2)
-                            .unwrap_or(pod_line),
+                            .unwrap_or_else(pod_line),
                         index,
                         pod: ep.pod.clone(),
                         interface: iface.clone(),

@@ -14,6 +14,7 @@ pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMPV6: u8 = 58;
+pub const IPPROTO_SCTP: u8 = 132;
 
 /// What the datapath needs of one packet.
 pub struct Packet {
@@ -117,7 +118,7 @@ fn parse_fast(ctx: &TcContext) -> Option<Packet> {
             pkt.dport = u16::from_be_bytes([t[2], t[3]]);
             pkt.tcp_flags = t[13];
         }
-        IPPROTO_UDP => {
+        IPPROTO_UDP | IPPROTO_SCTP => {
             let u = ptr_at::<[u8; 4]>(ctx, l4)?;
             // SAFETY: as above.
             let u = unsafe { &*u };
@@ -264,7 +265,7 @@ fn parse_l4(ctx: &TcContext, off: usize, pkt: &mut Packet) -> Result<(), Counter
             pkt.dport = be16(ctx, off + 2)?;
             pkt.tcp_flags = byte(ctx, off + 13)?;
         }
-        IPPROTO_UDP => {
+        IPPROTO_UDP | IPPROTO_SCTP => {
             pkt.sport = be16(ctx, off)?;
             pkt.dport = be16(ctx, off + 2)?;
         }

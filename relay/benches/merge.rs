@@ -1,0 +1,435 @@
+//! Relay benchmarks; they print figures and assert nothing about time.
+//!
+//! 1. merge core: N in-memory node streams through [`Merge`] on one thread (flows/s/core);
+//! 2. relay end to end over loopback: N synthetic node servers → relay (its own 1-thread
+//!    runtime, CPU time measured from its threads) → one client, batched (FlowBatches on
+//!    both hops) vs per-flow (GetFlows on both hops) vs mixed (batched from nodes,
+//!    per-flow to a stock client): flows per relay CPU-second;
+//! 3. added latency of the merge at a given rate (follow mode): p50/p99 of receive time −
+//!    flow time, read from the nodes directly (baseline), through the relay with every node
+//!    busy, and with one quiet node (which costs the sort window).
+//!
+//! `cargo bench -p lumen-relay --bench merge` (env `RELAY_BENCH_FLOWS`, `RELAY_BENCH_RATE`
+//! change the sizes).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use lumen_proto::observer::GetFlowsRequest;
+use lumen_relay::{
+    batches::{get_flows_raw, unbatch},
+    config::Config,
+    merge::Merge,
+    proto::batches::flow_batches_client::FlowBatchesClient,
+    synthetic::{flow, NodeServer, ServeOptions, SyntheticNode},
+    wire::{now_ns, RawResponse},
+};
+use prost::Message;
+use tonic::transport::Channel;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// CPU seconds used so far by this process' threads whose name starts with `prefix`.
+fn thread_cpu_seconds(prefix: &str) -> f64 {
+    let tick = 100.0; // USER_HZ
+    let mut total = 0u64;
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return f64::NAN;
+    };
+    for e in dir.flatten() {
+        let p = e.path();
+        let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+        if !comm.trim_end().starts_with(prefix) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(p.join("stat")).unwrap_or_default();
+        // Fields after the `(comm)`: state is field 3; utime 14, stime 15.
+        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ut: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let st: u64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+        total += ut + st;
+    }
+    total as f64 / tick
+}
+
+fn merge_core(nodes: usize, per_node: usize) {
+    let names: Vec<Arc<str>> = (0..nodes)
+        .map(|i| Arc::from(format!("node-{i}").as_str()))
+        .collect();
+    let sample: Bytes = flow("node-0", 0, 1).encode_to_vec().into();
+    let batch = 256;
+    // Pre-build batches: node k has times k, k+N, k+2N, ...
+    let mut inputs: Vec<Vec<Vec<RawResponse>>> = (0..nodes)
+        .map(|k| {
+            (0..per_node)
+                .step_by(batch)
+                .map(|start| {
+                    (start..(start + batch).min(per_node))
+                        .map(|i| {
+                            RawResponse::flow(
+                                sample.clone(),
+                                names[k].clone(),
+                                (i * nodes + k) as i64,
+                            )
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
+    for v in &mut inputs {
+        v.reverse();
+    }
+    let mut m = Merge::new(None, 1 << 20);
+    for _ in 0..nodes {
+        m.add_slot();
+    }
+    let mut out = Vec::with_capacity(4096);
+    let mut late = Vec::new();
+    let mut total = 0usize;
+    let t = Instant::now();
+    loop {
+        let mut any = false;
+        for (k, inp) in inputs.iter_mut().enumerate() {
+            if m.wants_input(k) {
+                match inp.pop() {
+                    Some(b) => {
+                        m.push(k, b, 0, &mut late);
+                        any = true;
+                    }
+                    None => m.set_live(k, false),
+                }
+            }
+        }
+        m.pop_ready(0, &mut out);
+        total += out.len();
+        out.clear();
+        if !any && m.is_finished() {
+            break;
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(total, nodes * per_node);
+    println!(
+        "merge core   {nodes:>2} nodes: {:>6.2} M flows/s on one core ({total} flows in {secs:.3} s)",
+        total as f64 / secs / 1e6
+    );
+}
+
+struct Cluster {
+    nodes: Vec<NodeServer>,
+    relay_rt: tokio::runtime::Runtime,
+    relay: Option<lumen_relay::RelayHandle>,
+}
+
+impl Cluster {
+    fn start(
+        n: usize,
+        per_node: usize,
+        node_batches: bool,
+        relay_batches: bool,
+        live: bool,
+        window: Duration,
+    ) -> (Cluster, Vec<Arc<SyntheticNode>>) {
+        let mut servers = Vec::new();
+        let mut specs = Vec::new();
+        let mut synth = Vec::new();
+        let base = now_ns() - 60_000_000_000;
+        for k in 0..n {
+            let name = format!("node-{k}");
+            let node = SyntheticNode::new(&name, 1 << 16);
+            if !live {
+                node.push(
+                    (0..per_node).map(|i| flow(&name, base + (i * n + k) as i64 * 1000, i as u64)),
+                );
+            }
+            let s = NodeServer::start(
+                node.clone(),
+                "127.0.0.1:0".parse().unwrap(),
+                ServeOptions {
+                    batches: node_batches,
+                    threads: 1,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            specs.push(format!("{name}={}", s.address));
+            servers.push(s);
+            synth.push(node);
+        }
+        let relay_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("relay-bench")
+            .enable_all()
+            .build()
+            .unwrap();
+        let config = Config {
+            listen_address: "127.0.0.1:0".parse().unwrap(),
+            metrics_address: None,
+            nodes: specs,
+            batches: relay_batches,
+            max_number: u64::MAX,
+            client_queue_flows: 1 << 16,
+            sort_window: window,
+            ..Config::default()
+        };
+        let relay = relay_rt.block_on(async {
+            let r = lumen_relay::start(config).await.unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while r
+                .pool
+                .nodes()
+                .iter()
+                .any(|n| n.status().state != lumen_relay::pool::ConnState::Connected)
+            {
+                assert!(Instant::now() < deadline, "nodes did not connect");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            r
+        });
+        (
+            Cluster {
+                nodes: servers,
+                relay_rt,
+                relay: Some(relay),
+            },
+            synth,
+        )
+    }
+
+    fn address(&self) -> SocketAddr {
+        self.relay.as_ref().unwrap().address
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(r) = self.relay.take() {
+            self.relay_rt.block_on(r.shutdown());
+        }
+        self.nodes.clear();
+    }
+}
+
+async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Batched,
+    PerFlow,
+    /// Batched from nodes, one flow per response to a stock client.
+    Mixed,
+}
+
+fn end_to_end(client_rt: &tokio::runtime::Runtime, n: usize, per_node: usize, mode: Mode) {
+    let (node_b, relay_b) = match mode {
+        Mode::Batched | Mode::Mixed => (true, true),
+        Mode::PerFlow => (false, false),
+    };
+    let (cluster, _nodes) = Cluster::start(
+        n,
+        per_node,
+        node_b,
+        relay_b,
+        false,
+        Duration::from_millis(200),
+    );
+    let addr = cluster.address();
+    let cpu0 = thread_cpu_seconds("relay-bench");
+    let t = Instant::now();
+    let (count, sorted) = client_rt.block_on(async move {
+        let ch = channel(addr).await;
+        let mut count = 0usize;
+        let mut last = i64::MIN;
+        let mut sorted = true;
+        match mode {
+            Mode::Batched => {
+                let mut c = FlowBatchesClient::new(ch).max_decoding_message_size(64 << 20);
+                let mut s = c
+                    .get_flow_batches(GetFlowsRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let (mut names, mut ev) = (Vec::new(), Vec::new());
+                while let Some(b) = s.message().await.unwrap() {
+                    for r in unbatch(b, &mut names, &mut ev) {
+                        let t = r.time_ns.unwrap_or_default();
+                        sorted &= t >= last;
+                        last = t;
+                        count += 1;
+                    }
+                }
+            }
+            Mode::PerFlow | Mode::Mixed => {
+                let mut s = get_flows_raw(ch, GetFlowsRequest::default()).await.unwrap();
+                while let Some(r) = s.next().await {
+                    let r = r.unwrap();
+                    if r.is_flow() {
+                        let t = r.time_ns.unwrap_or_default();
+                        sorted &= t >= last;
+                        last = t;
+                        count += 1;
+                    }
+                }
+            }
+        }
+        (count, sorted)
+    });
+    let wall = t.elapsed().as_secs_f64();
+    let cpu = thread_cpu_seconds("relay-bench") - cpu0;
+    assert_eq!(count, n * per_node, "every flow arrived");
+    assert!(sorted, "in time order");
+    println!(
+        "relay e2e    {n:>2} nodes {:<8}: {:>6.2} M flows per relay CPU-second ({count} flows, relay CPU {cpu:.2} s, wall {wall:.2} s = {:.2} M flows/s)",
+        format!("{mode:?}"),
+        count as f64 / cpu / 1e6,
+        count as f64 / wall / 1e6
+    );
+    drop(cluster);
+}
+
+fn percentile(sorted: &[i64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1e6
+}
+
+/// Flows pushed at `rate`/s in total across the busy nodes, each stamped with the wall
+/// clock when pushed; the client records receive time − flow time.
+fn latency(
+    client_rt: &tokio::runtime::Runtime,
+    n: usize,
+    quiet: usize,
+    rate: usize,
+    seconds: f64,
+    via_relay: bool,
+    window: Duration,
+) {
+    let (cluster, nodes) = Cluster::start(n, 0, true, true, true, window);
+    let addrs: Vec<SocketAddr> = if via_relay {
+        vec![cluster.address()]
+    } else {
+        cluster.nodes.iter().map(|s| s.address).collect()
+    };
+    let busy: Vec<Arc<SyntheticNode>> = nodes[..n - quiet].to_vec();
+    let total = (rate as f64 * seconds) as usize;
+    let lat = client_rt.block_on(async move {
+        let follow = GetFlowsRequest {
+            follow: true,
+            ..Default::default()
+        };
+        let mut streams = Vec::new();
+        for a in addrs {
+            streams.push(
+                get_flows_raw(channel(a).await, follow.clone())
+                    .await
+                    .unwrap(),
+            );
+        }
+        let mut s = futures::stream::select_all(streams);
+        // Let every node stream open before pushing.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let pusher = std::thread::spawn(move || {
+            let tick = Duration::from_millis(1);
+            let per_tick = (rate / 1000).max(1);
+            let start = Instant::now();
+            let mut sent = 0usize;
+            let mut i = 0u64;
+            while sent < total {
+                let due = ((start.elapsed().as_secs_f64() * rate as f64) as usize).min(total);
+                while sent < due {
+                    let k = sent % busy.len();
+                    let chunk = per_tick.min(due - sent).div_ceil(busy.len()).max(1);
+                    let now = now_ns();
+                    let name = busy[k].name().to_owned();
+                    busy[k].push((0..chunk).map(|j| flow(&name, now, i + j as u64)));
+                    i += chunk as u64;
+                    sent += chunk;
+                }
+                std::thread::sleep(tick);
+            }
+            sent
+        });
+        let mut lat = Vec::with_capacity(total);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(seconds + 10.0);
+        while lat.len() < total {
+            match tokio::time::timeout_at(deadline, s.next()).await {
+                Ok(Some(Ok(r))) if r.is_flow() => {
+                    lat.push(now_ns() - r.time_ns.unwrap_or_default())
+                }
+                Ok(Some(Ok(_))) => {}
+                _ => break,
+            }
+        }
+        let pushed = pusher.join().unwrap();
+        lat.sort_unstable();
+        (lat, pushed)
+    });
+    let (lat, pushed) = lat;
+    println!(
+        "latency      {n:>2} nodes ({quiet} quiet) at {:>4} k flows/s, {:<25}: p50 {:>6.2} ms, p99 {:>6.2} ms, max {:>6.2} ms ({} of {pushed} flows received, {} late)",
+        rate / 1000,
+        if via_relay { format!("relay, window {window:?}") } else { "nodes directly".to_owned() },
+        percentile(&lat, 0.50),
+        percentile(&lat, 0.99),
+        percentile(&lat, 1.0),
+        lat.len(),
+        cluster.relay.as_ref().map_or(0, |r| r.metrics.late_flows.get())
+    );
+    drop(cluster);
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` runs us with no such flag:
+    // keep that run tiny.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let per_node = env_usize("RELAY_BENCH_FLOWS", if quick { 2_000 } else { 200_000 });
+    let rate = env_usize("RELAY_BENCH_RATE", if quick { 5_000 } else { 100_000 });
+    println!(
+        "lumen-relay benchmarks ({} CPUs)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    for n in [3, 10] {
+        merge_core(n, if quick { 10_000 } else { 1_000_000 });
+    }
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("bench-client")
+        .enable_all()
+        .build()
+        .unwrap();
+    for mode in [Mode::Batched, Mode::Mixed, Mode::PerFlow] {
+        end_to_end(&client_rt, 3, per_node, mode);
+    }
+    let secs = if quick { 1.0 } else { 5.0 };
+    // The same load read from the nodes directly is the baseline: the difference is what
+    // the relay (merge, reordering window, one more hop) adds.
+    let (w200, w50) = (Duration::from_millis(200), Duration::from_millis(50));
+    latency(&client_rt, 3, 0, rate, secs, false, w200);
+    latency(&client_rt, 3, 0, rate, secs, true, w200);
+    latency(&client_rt, 3, 0, rate, secs, true, w50);
+    latency(&client_rt, 3, 1, rate, secs, true, w200);
+    latency(&client_rt, 3, 1, rate, secs, true, w50);
+}

@@ -1,0 +1,443 @@
+//! The time-ordered merge of several node streams, with a bounded reordering window.
+//!
+//! Each node ("slot") has a queue kept in time order; a heap over the queues' heads gives
+//! the oldest buffered flow. That flow is sent when nothing older can still come:
+//!
+//! - every *live* slot (its node may still send) whose queue is empty has already sent a
+//!   flow at least as new (streams are in time order per node, so it cannot send older);
+//! - or, when a window is set (follow mode), some buffered flow has waited the window
+//!   out: a quiet node then costs at most the window in latency, not a stall;
+//! - or the buffer is full (bounded memory beats order).
+//!
+//! A flow older than one already sent is *late* (it missed the window); the caller
+//! decides to deliver or drop it. Slots that are not live (finished, unavailable) never
+//! hold the others back. Without a window the merge is exact: a non-following query's
+//! answer is in time order however the nodes' streams interleave.
+//!
+//! Pure and synchronous: the async fan-out feeds it, tests and benchmarks drive it directly.
+
+use std::{cmp::Reverse, collections::BinaryHeap, collections::VecDeque};
+
+use crate::wire::RawResponse;
+
+/// Buffered flows per slot below which the slot is read from again.
+pub const SLOT_READ_AHEAD: usize = 4096;
+
+struct Entry {
+    time: i64,
+    /// Monotonic ns when the relay received it.
+    arrival: u64,
+    resp: RawResponse,
+}
+
+#[derive(Default)]
+struct Slot {
+    queue: VecDeque<Entry>,
+    live: bool,
+    /// Newest flow time received from this slot.
+    last_time: Option<i64>,
+}
+
+/// Counters of one merge.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct MergeStats {
+    /// Flows sent because the window ran out while a live node was quiet.
+    pub window_released: u64,
+    /// Flows sent early because the buffer was full.
+    pub overflow_released: u64,
+    /// Flows that arrived after newer ones had been sent.
+    pub late: u64,
+}
+
+pub struct Merge {
+    slots: Vec<Slot>,
+    heap: BinaryHeap<Reverse<(i64, u32)>>,
+    buffered: usize,
+    max_buffered: usize,
+    window_ns: Option<u64>,
+    last_emitted: Option<i64>,
+    /// Cached lower bound of what live quiet slots may still send.
+    safe: Option<i64>,
+    safe_dirty: bool,
+    stats: MergeStats,
+}
+
+impl Merge {
+    /// `window`: `None` for an exact merge (wait for every live slot), `Some` to wait at
+    /// most that long for quiet slots. `max_buffered`: flows held at most.
+    pub fn new(window: Option<std::time::Duration>, max_buffered: usize) -> Self {
+        Self {
+            slots: Vec::new(),
+            heap: BinaryHeap::new(),
+            buffered: 0,
+            max_buffered: max_buffered.max(1),
+            window_ns: window.map(|w| w.as_nanos().min(u128::from(u64::MAX)) as u64),
+            last_emitted: None,
+            safe: None,
+            safe_dirty: true,
+            stats: MergeStats::default(),
+        }
+    }
+
+    /// Adds a live slot; returns its index.
+    pub fn add_slot(&mut self) -> usize {
+        self.slots.push(Slot {
+            live: true,
+            ..Default::default()
+        });
+        self.safe_dirty = true;
+        self.slots.len() - 1
+    }
+
+    pub fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether `slot` may still send (and so holds back newer flows of other slots).
+    pub fn set_live(&mut self, slot: usize, live: bool) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            if s.live != live {
+                s.live = live;
+                self.safe_dirty = true;
+            }
+        }
+    }
+
+    pub fn is_live(&self, slot: usize) -> bool {
+        self.slots.get(slot).is_some_and(|s| s.live)
+    }
+
+    /// Whether the caller should read more from `slot`. Exact merges read ahead a bounded
+    /// amount per slot (slots advance in lockstep, a fast node waits for a slow one);
+    /// windowed merges read while the whole buffer has room, since a quiet node makes the
+    /// others' flows wait a window long (rate × window flows).
+    pub fn wants_input(&self, slot: usize) -> bool {
+        self.slots.get(slot).is_some_and(|s| {
+            s.live
+                && if self.window_ns.is_some() {
+                    self.buffered < self.max_buffered
+                } else {
+                    s.queue.len() < SLOT_READ_AHEAD
+                }
+        })
+    }
+
+    pub fn buffered(&self) -> usize {
+        self.buffered
+    }
+
+    pub fn stats(&self) -> MergeStats {
+        self.stats
+    }
+
+    /// Newest time sent so far.
+    pub fn last_emitted(&self) -> Option<i64> {
+        self.last_emitted
+    }
+
+    /// Newest flow time received from `slot`.
+    pub fn last_time(&self, slot: usize) -> Option<i64> {
+        self.slots.get(slot).and_then(|s| s.last_time)
+    }
+
+    /// Adds flows from `slot` received at monotonic time `arrival` (ns). Every response
+    /// must have `time_ns` set. Flows older than one already sent go to `late` instead.
+    pub fn push(
+        &mut self,
+        slot: usize,
+        mut batch: Vec<RawResponse>,
+        arrival: u64,
+        late: &mut Vec<RawResponse>,
+    ) {
+        let Some(s) = self.slots.get_mut(slot) else {
+            return;
+        };
+        if !batch.windows(2).all(|w| w[0].time_ns <= w[1].time_ns) {
+            batch.sort_by_key(|r| r.time_ns);
+        }
+        let was_empty = s.queue.is_empty();
+        let old_head = s.queue.front().map(|e| e.time);
+        for resp in batch {
+            let time = resp.time_ns.unwrap_or(i64::MIN);
+            s.last_time = Some(s.last_time.map_or(time, |t| t.max(time)));
+            if self.last_emitted.is_some_and(|l| time < l) {
+                self.stats.late += 1;
+                late.push(resp);
+                continue;
+            }
+            let entry = Entry {
+                time,
+                arrival,
+                resp,
+            };
+            match s.queue.back() {
+                Some(b) if b.time > time => {
+                    // Out of order within the node's stream: insert in place.
+                    let at = s.queue.partition_point(|e| e.time <= time);
+                    s.queue.insert(at, entry);
+                }
+                _ => s.queue.push_back(entry),
+            }
+            self.buffered += 1;
+        }
+        let new_head = s.queue.front().map(|e| e.time);
+        if new_head.is_some() && new_head != old_head {
+            if let Some(h) = new_head {
+                self.heap.push(Reverse((h, slot as u32)));
+            }
+        }
+        if was_empty || s.live {
+            // The slot's last time moved, or it stopped being a quiet slot.
+            self.safe_dirty = true;
+        }
+    }
+
+    fn safe_bound(&mut self) -> Option<i64> {
+        if self.safe_dirty {
+            // Live slots with an empty queue may still send anything not older than
+            // their last flow; with nothing received yet they hold everything back.
+            let mut bound = Some(i64::MAX);
+            for s in &self.slots {
+                if s.live && s.queue.is_empty() {
+                    bound = match (bound, s.last_time) {
+                        (Some(b), Some(t)) => Some(b.min(t)),
+                        _ => None,
+                    };
+                }
+            }
+            self.safe = bound;
+            self.safe_dirty = false;
+        }
+        self.safe
+    }
+
+    /// Newest flow time among flows that waited the window out (`None`: none did).
+    fn expired_cutoff(&self, now: u64) -> Option<i64> {
+        let window = self.window_ns?;
+        let limit = now.checked_sub(window)?;
+        let mut cutoff = None;
+        for s in &self.slots {
+            let mut newest = None;
+            for e in s.queue.iter().take_while(|e| e.arrival <= limit) {
+                newest = Some(e.time);
+            }
+            if let Some(t) = newest {
+                cutoff = Some(cutoff.map_or(t, |c: i64| c.max(t)));
+            }
+        }
+        cutoff
+    }
+
+    /// The oldest buffered flow's (slot, time), skipping stale heap entries.
+    fn peek_head(&mut self) -> Option<(usize, i64)> {
+        while let Some(&Reverse((t, s))) = self.heap.peek() {
+            let slot = s as usize;
+            match self.slots[slot].queue.front() {
+                Some(e) if e.time == t => return Some((slot, t)),
+                _ => {
+                    self.heap.pop();
+                }
+            }
+        }
+        None
+    }
+
+    fn pop_head(&mut self, slot: usize) -> Option<RawResponse> {
+        self.heap.pop();
+        let s = &mut self.slots[slot];
+        let e = s.queue.pop_front()?;
+        match s.queue.front() {
+            Some(next) => self.heap.push(Reverse((next.time, slot as u32))),
+            None => self.safe_dirty = true,
+        }
+        self.buffered -= 1;
+        self.last_emitted = Some(self.last_emitted.map_or(e.time, |l| l.max(e.time)));
+        Some(e.resp)
+    }
+
+    /// Moves every flow that may be sent now (monotonic time `now`, ns) to `out`, oldest
+    /// first. Returns how many.
+    pub fn pop_ready(&mut self, now: u64, out: &mut Vec<RawResponse>) -> usize {
+        let before = out.len();
+        let mut cutoff: Option<Option<i64>> = None;
+        while let Some((slot, t)) = self.peek_head() {
+            let safe = self.safe_bound().is_some_and(|b| t <= b);
+            let release = if safe {
+                true
+            } else if self.buffered > self.max_buffered {
+                self.stats.overflow_released += 1;
+                true
+            } else {
+                let c = *cutoff.get_or_insert_with(|| self.expired_cutoff(now));
+                if c.is_some_and(|c| t <= c) {
+                    self.stats.window_released += 1;
+                    true
+                } else {
+                    false
+                }
+            };
+            if !release {
+                break;
+            }
+            if let Some(r) = self.pop_head(slot) {
+                out.push(r);
+            }
+        }
+        out.len() - before
+    }
+
+    /// Moves everything buffered to `out` in time order (the stream is ending).
+    pub fn drain(&mut self, out: &mut Vec<RawResponse>) -> usize {
+        let before = out.len();
+        while let Some((slot, _)) = self.peek_head() {
+            if let Some(r) = self.pop_head(slot) {
+                out.push(r);
+            }
+        }
+        out.len() - before
+    }
+
+    /// When (monotonic ns) the oldest waiting flow's window runs out, if any flow waits.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let window = self.window_ns?;
+        self.slots
+            .iter()
+            .filter_map(|s| s.queue.front().map(|e| e.arrival))
+            .min()
+            .map(|a| a.saturating_add(window))
+    }
+
+    /// No slot is live and nothing is buffered.
+    pub fn is_finished(&self) -> bool {
+        self.buffered == 0 && self.slots.iter().all(|s| !s.live)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::Arc, time::Duration};
+
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn flows(node: &str, times: &[i64]) -> Vec<RawResponse> {
+        let name: Arc<str> = Arc::from(node);
+        times
+            .iter()
+            .map(|t| RawResponse::flow(Bytes::from(t.to_string()), name.clone(), *t))
+            .collect()
+    }
+
+    fn times(out: &[RawResponse]) -> Vec<i64> {
+        out.iter().map(|r| r.time_ns.unwrap_or_default()).collect()
+    }
+
+    #[test]
+    fn exact_merge_waits_for_every_live_node() {
+        let mut m = Merge::new(None, 1000);
+        let (a, b) = (m.add_slot(), m.add_slot());
+        let mut late = Vec::new();
+        let mut out = Vec::new();
+        m.push(a, flows("a", &[1, 4, 9]), 0, &mut late);
+        assert_eq!(m.pop_ready(u64::MAX, &mut out), 0, "b has sent nothing yet");
+        m.push(b, flows("b", &[2, 3]), 0, &mut late);
+        m.pop_ready(0, &mut out);
+        assert_eq!(times(&out), vec![1, 2, 3], "4 waits: b may still send 3..4");
+        m.push(b, flows("b", &[5]), 0, &mut late);
+        m.pop_ready(0, &mut out);
+        assert_eq!(times(&out), vec![1, 2, 3, 4, 5]);
+        m.set_live(b, false);
+        m.pop_ready(0, &mut out);
+        assert_eq!(times(&out), vec![1, 2, 3, 4, 5, 9]);
+        m.set_live(a, false);
+        assert!(m.is_finished());
+        assert!(late.is_empty());
+    }
+
+    #[test]
+    fn a_quiet_node_costs_at_most_the_window() {
+        let mut m = Merge::new(Some(Duration::from_nanos(100)), 1000);
+        let (a, _quiet) = (m.add_slot(), m.add_slot());
+        let mut late = Vec::new();
+        let mut out = Vec::new();
+        m.push(a, flows("a", &[10, 20]), 1_000, &mut late);
+        assert_eq!(m.pop_ready(1_050, &mut out), 0);
+        assert_eq!(m.next_deadline(), Some(1_100));
+        m.push(a, flows("a", &[30]), 1_080, &mut late);
+        assert_eq!(m.pop_ready(1_100, &mut out), 2);
+        assert_eq!(times(&out), vec![10, 20]);
+        assert_eq!(m.pop_ready(1_180, &mut out), 1);
+        assert_eq!(m.stats().window_released, 3);
+    }
+
+    #[test]
+    fn late_flows_are_set_aside_and_out_of_order_node_streams_are_sorted() {
+        let mut m = Merge::new(None, 1000);
+        let (a, b) = (m.add_slot(), m.add_slot());
+        let mut late = Vec::new();
+        let mut out = Vec::new();
+        m.push(a, flows("a", &[5, 3, 8]), 0, &mut late);
+        m.push(b, flows("b", &[6]), 0, &mut late);
+        m.pop_ready(0, &mut out);
+        assert_eq!(times(&out), vec![3, 5, 6]);
+        m.push(b, flows("b", &[4, 7]), 0, &mut late);
+        assert_eq!(times(&late), vec![4]);
+        m.pop_ready(0, &mut out);
+        assert_eq!(times(&out), vec![3, 5, 6, 7]);
+        m.push(a, flows("a", &[7]), 0, &mut late);
+        m.set_live(a, false);
+        m.set_live(b, false);
+        m.pop_ready(0, &mut out);
+        assert_eq!(times(&out), vec![3, 5, 6, 7, 7, 8]);
+        assert_eq!(m.stats().late, 1);
+    }
+
+    #[test]
+    fn a_full_buffer_releases_the_oldest() {
+        let mut m = Merge::new(None, 3);
+        let (a, _b) = (m.add_slot(), m.add_slot());
+        let mut late = Vec::new();
+        let mut out = Vec::new();
+        m.push(a, flows("a", &[1, 2, 3, 4, 5]), 0, &mut late);
+        m.pop_ready(0, &mut out);
+        assert_eq!(times(&out), vec![1, 2]);
+        assert_eq!(m.buffered(), 3);
+        assert_eq!(m.stats().overflow_released, 2);
+    }
+
+    #[test]
+    fn many_interleaved_streams_come_out_sorted() {
+        let mut m = Merge::new(None, 1 << 20);
+        let n = 7usize;
+        for _ in 0..n {
+            m.add_slot();
+        }
+        let mut late = Vec::new();
+        let mut out = Vec::new();
+        // Node i sends times i, i+n, i+2n, ... in batches of varying size.
+        let mut next = vec![0i64; n];
+        let mut round = 0usize;
+        while next.iter().any(|&k| k < 500) {
+            for (i, k) in next.iter_mut().enumerate() {
+                let size = (i + round) % 5;
+                let batch: Vec<i64> = (0..size)
+                    .map(|j| (*k + j as i64) * n as i64 + i as i64)
+                    .filter(|t| *t < 500 * n as i64)
+                    .collect();
+                *k += size as i64;
+                m.push(i, flows("x", &batch), 0, &mut late);
+            }
+            m.pop_ready(0, &mut out);
+            round += 1;
+        }
+        for i in 0..n {
+            m.set_live(i, false);
+        }
+        m.pop_ready(0, &mut out);
+        let t = times(&out);
+        assert_eq!(t.len(), 500 * n);
+        assert!(t.windows(2).all(|w| w[0] <= w[1]));
+        assert!(late.is_empty());
+    }
+}
