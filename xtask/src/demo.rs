@@ -29,6 +29,10 @@ pub struct DemoArgs {
     /// Skip `cargo xtask setup`.
     #[arg(long)]
     no_setup: bool,
+    /// Run this many node exporters (each owning some of the pods, all pods on one L2
+    /// segment so traffic crosses nodes) behind a relay, and stream through the relay.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
 }
 
 struct Proc(Child, &'static str);
@@ -55,6 +59,9 @@ impl Drop for Proc {
 pub fn run(args: DemoArgs) -> Result<()> {
     if !args.no_setup {
         setup::run()?;
+    }
+    if args.nodes > 1 {
+        return run_multi_node(args);
     }
     sh::cargo(
         &[
@@ -256,4 +263,181 @@ fn wait_for_port(addr: &str, timeout: Duration) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     bail!("the node exporter did not listen on {addr} within {timeout:?}")
+}
+
+/// Multi-node mode: `nodes` node exporters, each attached to its own pods' interfaces and
+/// named `node-1..`, all pods on one bridge (so pods talk across nodes), a relay fanning
+/// the nodes in, and `lumen observe --follow` against the relay.
+fn run_multi_node(args: DemoArgs) -> Result<()> {
+    sh::cargo(
+        &[
+            "build",
+            "--locked",
+            "-p",
+            "lumen-node-exporter",
+            "-p",
+            "lumen",
+            "-p",
+            "lumen-relay",
+            "--bins",
+        ],
+        &[],
+    )?;
+    let bin = workspace_root().join("target/debug");
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
+            .context("installing the Ctrl-C handler")?;
+    }
+    let mut lab = Lab::new("demo-multi")?;
+    let mut pods: Vec<(usize, Pod)> = Vec::new();
+    for n in 1..=args.nodes {
+        for role in ["web", "api"] {
+            pods.push((n, lab.add_pod(&format!("{role}{n}"))?));
+        }
+    }
+    let dir = tempfile::tempdir()?;
+    let endpoints = dir.path().join("endpoints.yaml");
+    let mut yaml = String::from("endpoints:\n");
+    for (n, p) in &pods {
+        let app = p.name.trim_end_matches(|c: char| c.is_ascii_digit());
+        yaml.push_str(&format!(
+            "  - pod: {name}\n    namespace: demo\n    labels: {{app: {app}}}\n    interface: {iface}\n    node: node-{n}\n    ips: [\"{v4}\", \"{v6}\"]\n",
+            name = p.name, iface = p.host_if, v4 = p.ipv4, v6 = p.ipv6
+        ));
+    }
+    yaml.push_str("nodes:\n");
+    let mut procs = Vec::new();
+    let mut node_flags = Vec::new();
+    let mut addrs = Vec::new();
+    for n in 1..=args.nodes {
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        yaml.push_str(&format!("  - {{name: node-{n}, address: \"{addr}\"}}\n"));
+        addrs.push((n, addr));
+    }
+    std::fs::write(&endpoints, yaml)?;
+    for (n, addr) in &addrs {
+        procs.push(Proc(
+            Command::new(bin.join("lumen-node-exporter"))
+                .args([
+                    "--node-name",
+                    &format!("node-{n}"),
+                    "--listen-address",
+                    addr,
+                    "--metrics-address",
+                    "127.0.0.1:0",
+                    "--endpoints-file",
+                ])
+                .arg(&endpoints)
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .spawn()
+                .context("starting lumen-node-exporter")?,
+            "lumen-node-exporter",
+        ));
+        node_flags.push(format!("node-{n}={addr}"));
+    }
+    for (_, addr) in &addrs {
+        wait_for_port(addr, Duration::from_secs(20))?;
+    }
+    let relay_addr = format!("127.0.0.1:{}", free_port()?);
+    let mut relay_cmd = Command::new(bin.join("lumen-relay"));
+    relay_cmd.args(["--listen-address", &relay_addr, "--metrics-address", ""]);
+    for f in &node_flags {
+        relay_cmd.args(["--node", f]);
+    }
+    let relay = Proc(
+        relay_cmd
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting lumen-relay")?,
+        "lumen-relay",
+    );
+    wait_for_port(&relay_addr, Duration::from_secs(20))?;
+    let servers: Vec<_> = pods
+        .iter()
+        .filter(|(_, p)| p.name.starts_with("web"))
+        .map(|(_, p)| p.http_server(8080))
+        .collect::<Result<_>>()?;
+    std::thread::sleep(Duration::from_millis(500));
+    eprintln!(
+        "demo: {} nodes behind relay {relay_addr}; lab {}",
+        args.nodes,
+        lab.id()
+    );
+    let observe = Proc(
+        Command::new(bin.join("lumen"))
+            .args([
+                "observe",
+                "--server",
+                &relay_addr,
+                "--follow",
+                "-o",
+                &args.output,
+                "--print-node-name",
+            ])
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting lumen observe")?,
+        "lumen observe",
+    );
+    let started = Instant::now();
+    let deadline = args.duration.map(Duration::from_secs);
+    let mut round = 0usize;
+    let webs: Vec<&Pod> = pods
+        .iter()
+        .filter(|(_, p)| p.name.starts_with("web"))
+        .map(|(_, p)| p)
+        .collect();
+    let apis: Vec<&Pod> = pods
+        .iter()
+        .filter(|(_, p)| p.name.starts_with("api"))
+        .map(|(_, p)| p)
+        .collect();
+    while !stop.load(Ordering::SeqCst) && deadline.is_none_or(|d| started.elapsed() < d) {
+        // Each api talks to the web pod of the next node: traffic crosses nodes.
+        for (i, api) in apis.iter().enumerate() {
+            let web = webs[(i + round + 1) % webs.len()];
+            if let Err(e) = api.http_get(IpAddr::V4(web.ipv4), 8080, "/") {
+                eprintln!("demo: http: {e:#}");
+            }
+        }
+        round += 1;
+        for _ in 0..20 {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    eprintln!("\ndemo: stopping (ran {round} traffic rounds)");
+    drop(observe);
+    let _ = Command::new(bin.join("lumen"))
+        .args(["status", "--server", &relay_addr])
+        .status();
+    drop(relay);
+    drop(procs);
+    drop(servers);
+    let attached: Vec<String> = lab
+        .host_interfaces()
+        .iter()
+        .filter_map(|i| {
+            lumen_lab::attachments(i)
+                .ok()
+                .filter(|a| !a.is_empty())
+                .map(|a| format!("{i}: {a}"))
+        })
+        .collect();
+    drop(lab);
+    if attached.is_empty() {
+        eprintln!("demo: lab removed; nothing left attached");
+        Ok(())
+    } else {
+        bail!(
+            "programs still attached after shutdown: {}",
+            attached.join("; ")
+        )
+    }
 }
