@@ -77,12 +77,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     )?;
     let bin = workspace_root().join("target/debug");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
-            .context("installing the Ctrl-C handler")?;
-    }
+    let stop = stop_flag()?;
 
     let mut lab = Lab::new("demo")?;
     let web = lab.add_pod("web")?;
@@ -175,26 +170,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         eprintln!("demo: lumen status: {e}");
     }
     drop(exporter);
-    let ifaces = lab.host_interfaces();
-    let attached: Vec<String> = ifaces
-        .iter()
-        .filter_map(|i| {
-            lumen_lab::attachments(i)
-                .ok()
-                .filter(|a| !a.is_empty())
-                .map(|a| format!("{i}: {a}"))
-        })
-        .collect();
-    drop(lab);
-    if attached.is_empty() {
-        eprintln!("demo: lab removed; nothing left attached");
-        Ok(())
-    } else {
-        bail!(
-            "programs still attached after shutdown: {}",
-            attached.join("; ")
-        )
-    }
+    remove_lab(lab)
 }
 
 /// One round of mixed traffic: HTTP over v4 and v6, UDP, ping v4/v6, a refused connect.
@@ -284,12 +260,7 @@ fn run_multi_node(args: DemoArgs) -> Result<()> {
         &[],
     )?;
     let bin = workspace_root().join("target/debug");
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
-            .context("installing the Ctrl-C handler")?;
-    }
+    let stop = stop_flag()?;
     let mut lab = Lab::new("demo-multi")?;
     let mut pods: Vec<(usize, Pod)> = Vec::new();
     for n in 1..=args.nodes {
@@ -420,6 +391,20 @@ fn run_multi_node(args: DemoArgs) -> Result<()> {
     drop(relay);
     drop(procs);
     drop(servers);
+    remove_lab(lab)
+}
+
+/// A flag set by Ctrl-C (SIGINT), so the demo tears down instead of dying.
+fn stop_flag() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
+        .context("installing the Ctrl-C handler")?;
+    Ok(stop)
+}
+
+/// Remove the lab and fail if any program is still attached to its interfaces.
+fn remove_lab(lab: Lab) -> Result<()> {
     let attached: Vec<String> = lab
         .host_interfaces()
         .iter()
