@@ -69,10 +69,13 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let inspector = crate::inspect::Inspector::server(svc.state.clone());
+    let svc = Arc::new(svc);
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(inspector)
-        .add_service(ObserverServer::new(svc).max_decoding_message_size(4 << 20))
+        // Lumen-only batched stream for the relay (several flows per message).
+        .add_service(lumen_relay::batches::server(svc.clone()))
+        .add_service(ObserverServer::from_arc(svc).max_decoding_message_size(4 << 20))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
