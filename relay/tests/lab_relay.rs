@@ -841,3 +841,132 @@ fn hostile_requests_to_the_relay_binary() {
         assert!(count_flows(&ok) > 0, "still serving");
     });
 }
+
+/// Cross-node traffic: one L2 segment, pods split over three node exporters (each attached
+/// only to its own pods' interfaces). A connection from a pod of node-i to a pod of node-j
+/// is seen by both nodes; through the relay every flow of every node arrives exactly once,
+/// in time order, with the right node name, and equal to each node's own answer.
+#[test]
+fn cross_node_traffic_through_the_relay() {
+    lumen_lab::require_privileges!("cross_node_traffic_through_the_relay");
+    let _g = lab_lock();
+    let mut lab = Lab::new("relay-cross").expect("lab");
+    let names = ["node-1", "node-2", "node-3"];
+    let mut clients = Vec::new();
+    let mut servers = Vec::new();
+    for i in 1..=names.len() {
+        clients.push(lab.add_pod(&format!("client{i}")).expect("pod"));
+        servers.push(lab.add_pod(&format!("server{i}")).expect("pod"));
+    }
+    let _http: Vec<_> = servers
+        .iter()
+        .map(|s| s.http_server(8080).expect("http server"))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let bin = workspace_bin("lumen-node-exporter", "lumen-node-exporter");
+    let mut exporters = Vec::new();
+    let mut addrs = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let address = format!("127.0.0.1:{}", free_port());
+        let args: Vec<String> = vec![
+            "--node-name".into(),
+            (*name).into(),
+            "--listen-address".into(),
+            address.clone(),
+            "--metrics-address".into(),
+            String::new(),
+            "--interface".into(),
+            clients[i].host_if.clone(),
+            "--interface".into(),
+            servers[i].host_if.clone(),
+        ];
+        let mut p = Proc::spawn(&bin, &args, dir.path().join(format!("{name}.log")));
+        p.wait_listening(&address, name);
+        exporters.push(p);
+        addrs.push(address);
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    let relay_addr = format!("127.0.0.1:{}", free_port());
+    let mut args = vec![
+        "--listen-address".to_owned(),
+        relay_addr.clone(),
+        "--metrics-address".to_owned(),
+        String::new(),
+    ];
+    for (name, addr) in names.iter().zip(&addrs) {
+        args.push("--node".into());
+        args.push(format!("{name}={addr}"));
+    }
+    let relay = Relay::spawn(&relay_addr, args, tempfile::tempdir().unwrap());
+    let since = now_ns();
+    // client of node i -> server of node i+1: every connection crosses two nodes.
+    for i in 0..names.len() {
+        let target: IpAddr = servers[(i + 1) % servers.len()].ipv4.into();
+        for _ in 0..2 {
+            clients[i].http_get(target, 8080, "/").expect("http get");
+        }
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let until = now_ns();
+    let req = GetFlowsRequest {
+        since: Some(ns_timestamp(since)),
+        until: Some(ns_timestamp(until)),
+        ..Default::default()
+    };
+    rt().block_on(async {
+        let via_relay = flows(&get_all(&relay.address, req.clone()).await);
+        for w in via_relay.windows(2) {
+            assert!(
+                time_of(&w[0]) <= time_of(&w[1]),
+                "relay answer out of time order"
+            );
+        }
+        let mut seen = HashSet::new();
+        for f in &via_relay {
+            assert!(
+                seen.insert((f.node_name.clone(), f.uuid.clone())),
+                "flow twice"
+            );
+        }
+        for (i, (name, addr)) in names.iter().zip(&addrs).enumerate() {
+            let mut own: Vec<String> = flows(&get_all(addr, req.clone()).await)
+                .into_iter()
+                .map(|f| f.uuid)
+                .collect();
+            let mut relayed: Vec<String> = via_relay
+                .iter()
+                .filter(|f| f.node_name == *name)
+                .map(|f| f.uuid.clone())
+                .collect();
+            own.sort();
+            relayed.sort();
+            assert!(!own.is_empty(), "{name} saw traffic");
+            assert_eq!(relayed, own, "{name}: relay equals the node's own answer");
+            // The node saw both its client's outgoing and its server's incoming connections.
+            let mine = [clients[i].host_if.as_str(), servers[i].host_if.as_str()];
+            for f in via_relay.iter().filter(|f| f.node_name == *name) {
+                let iface = f.interface.as_ref().map(|x| x.name.as_str()).unwrap_or("");
+                assert!(mine.contains(&iface), "{name} reported a flow on {iface}");
+            }
+        }
+        // One cross-node connection appears on both of its nodes.
+        let client_ip = clients[0].ipv4.to_string();
+        let server_ip = servers[1].ipv4.to_string();
+        let nodes_seeing: HashSet<String> = via_relay
+            .iter()
+            .filter(|f| {
+                f.ip.as_ref()
+                    .is_some_and(|ip| ip.source == client_ip && ip.destination == server_ip)
+            })
+            .map(|f| f.node_name.clone())
+            .collect();
+        assert_eq!(
+            nodes_seeing,
+            HashSet::from(["node-1".to_owned(), "node-2".to_owned()]),
+            "client1 -> server2 seen on node-1 (egress) and node-2 (ingress)"
+        );
+    });
+    drop(relay);
+    drop(exporters);
+    let _ = &mut lab;
+}
