@@ -200,6 +200,7 @@ pub async fn nodes(cli: &Cli) -> Result<(), CliError> {
         "ADDRESS".to_owned(),
         "VERSION".to_owned(),
         "TLS".to_owned(),
+        "REASON".to_owned(),
     ]];
     for n in &resp.nodes {
         let pct = if n.max_flows > 0 {
@@ -221,9 +222,10 @@ pub async fn nodes(cli: &Cli) -> Result<(), CliError> {
                 "no"
             }
             .to_owned(),
+            n.state_reason.clone(),
         ]);
     }
-    let widths: Vec<usize> = (0..8)
+    let widths: Vec<usize> = (0..9)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = io::stdout().lock();

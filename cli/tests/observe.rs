@@ -160,6 +160,7 @@ impl Observer for TestObserverServer {
                     max_flows: 4095,
                     seen_flows: 10,
                     tls: None,
+                    ..Default::default()
                 },
                 Node {
                     name: "node-2".into(),

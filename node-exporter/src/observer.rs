@@ -403,6 +403,8 @@ impl Observer for ObserverService {
                 num_flows: s.ring.len() as u64,
                 max_flows: s.ring.capacity() as u64,
                 seen_flows: s.ring.seen(),
+                state_reason: "serving".to_owned(),
+                last_seen: Some(timestamp(clock::realtime_ns())),
             }],
         }))
     }

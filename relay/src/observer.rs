@@ -186,6 +186,18 @@ impl Relay {
                     num_flows: ss.num_flows,
                     max_flows: ss.max_flows,
                     seen_flows: ss.seen_flows,
+                    state_reason: match &s.state {
+                        ConnState::Connected => "connected".to_owned(),
+                        ConnState::Connecting => "connecting".to_owned(),
+                        ConnState::Unavailable { reason } => reason.clone(),
+                    },
+                    last_seen: s.last_seen.and_then(|t| {
+                        let d = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+                        Some(prost_types::Timestamp {
+                            seconds: d.as_secs() as i64,
+                            nanos: d.subsec_nanos() as i32,
+                        })
+                    }),
                 }
             })
             .collect();
