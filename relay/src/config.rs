@@ -108,6 +108,10 @@ pub struct Config {
     pub server_tls: Option<ServerTlsConfig>,
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Flow history in ClickHouse (`lumen-history`); absent: no history.
+    pub history: Option<lumen_history::HistoryConfig>,
+    /// OTLP export to an OpenTelemetry collector (`lumen-otlp`); absent: no export.
+    pub otlp: Option<lumen_otlp::OtlpConfig>,
 }
 
 impl Default for Config {
@@ -148,6 +152,8 @@ impl Default for Config {
             node_tls: None,
             server_tls: None,
             shutdown_grace: Duration::from_secs(5),
+            history: None,
+            otlp: None,
         }
     }
 }
@@ -374,6 +380,24 @@ impl Config {
         }
         if self.sort_buffer_flows == 0 {
             return invalid("sort_buffer_flows", "must be at least 1".to_owned());
+        }
+        if let Some(h) = &self.history {
+            if let Err(e) = h.validate() {
+                return invalid("history", e.to_string());
+            }
+        }
+        if let Some(o) = &self.otlp {
+            if let Err(e) = o.validate() {
+                return invalid("otlp", e.to_string());
+            }
+        }
+        if (self.history.is_some() || self.otlp.is_some()) && self.server_tls.is_some() {
+            return invalid(
+                "history",
+                "history and OTLP sinks read the relay's own API over loopback without TLS; \
+                 they cannot be combined with server_tls yet"
+                    .to_owned(),
+            );
         }
         if self.client_queue_flows < 16 {
             return invalid("client_queue_flows", "must be at least 16".to_owned());

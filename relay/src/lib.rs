@@ -33,6 +33,7 @@ pub mod pool;
 pub mod proto;
 pub mod queue;
 pub mod request;
+pub mod sinks;
 pub mod synthetic;
 pub mod tls;
 pub mod wire;
@@ -70,6 +71,8 @@ pub enum StartError {
     Discovery(String),
     #[error("gRPC server: {0}")]
     Server(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Sink(#[from] sinks::SinkError),
 }
 
 /// A running relay.
@@ -82,12 +85,16 @@ pub struct RelayHandle {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     grace: Duration,
+    sinks: Option<sinks::Sinks>,
 }
 
 impl RelayHandle {
     /// Stops serving (streams end), stops discovery and node clients.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
+        if let Some(s) = self.sinks {
+            s.shutdown(self.grace).await;
+        }
         self.pool.shutdown();
         let grace = self.grace;
         let _ = tokio::time::timeout(grace, futures::future::join_all(self.tasks)).await;
@@ -206,6 +213,30 @@ pub async fn start_with_resolver(
         info!(address = ?metrics_address, "relay metrics listening");
     }
 
+    let sinks = if config.history.is_some() || config.otlp.is_some() {
+        let local = SocketAddr::new(
+            if address.ip().is_unspecified() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                address.ip()
+            },
+            address.port(),
+        );
+        Some(
+            sinks::Sinks::start(
+                config.history.as_ref(),
+                config.otlp.as_ref(),
+                &config.name,
+                local,
+                &metrics,
+                stop_rx.clone(),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+
     Ok(RelayHandle {
         address,
         metrics_address,
@@ -214,6 +245,7 @@ pub async fn start_with_resolver(
         stop,
         tasks,
         grace: config.shutdown_grace,
+        sinks,
     })
 }
 

@@ -135,6 +135,11 @@ impl Metrics {
         Arc::new(m)
     }
 
+    /// Register metrics of another component (the sinks) in the relay's registry.
+    pub fn register_extra(&self, f: impl FnOnce(&mut Registry)) {
+        f(&mut self.registry.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
     /// Sets the node's state gauge (1 for `current`, 0 for the others).
     pub fn set_node_state(&self, node: &str, current: Option<&'static str>) {
         for s in state::ALL {
