@@ -1,6 +1,8 @@
-//! End to end into ClickHouse: lab traffic seen by a real node exporter, fanned in by the
-//! relay, written by the relay's history sink to a real ClickHouse server the test
-//! starts: every flow the relay served is in `flows` exactly once.
+//! End to end into the sinks: lab traffic seen by a real node exporter, fanned in by the
+//! relay, written by the relay's history sink to a real ClickHouse server the test starts
+//! (every flow the relay received is in `flows` exactly once) and exported as OTLP log
+//! records to an independent receiver (Python, built from the published
+//! opentelemetry-proto package): one record per relayed flow.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../../history/tests/common/mod.rs"]
@@ -25,6 +27,74 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// The independent OTLP receiver of otlp/tests (writes what it decodes as JSON lines).
+struct Receiver {
+    child: std::process::Child,
+    grpc_port: u16,
+    out: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Receiver {
+    fn start() -> Receiver {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("received.jsonl");
+        let script =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../otlp/tests/otlp_receiver.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg("--out")
+            .arg(&out)
+            .args(["--grpc-port", "0", "--http-port", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 OTLP receiver");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.starts_with("READY "),
+            "OTLP receiver did not start: {line:?}"
+        );
+        let grpc_port = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("grpc="))
+            .and_then(|p| p.parse().ok())
+            .expect("grpc port");
+        Receiver {
+            child,
+            grpc_port,
+            out,
+            _dir: dir,
+        }
+    }
+
+    /// Flow ids of the log records received so far.
+    fn logged_flow_ids(&self) -> Vec<u64> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["signal"] == "log")
+            // OTLP integers are int64: ids above 2^63 arrive as their two's complement.
+            .filter_map(|v| {
+                let id = &v["attributes"]["lumen.flow.id"];
+                id.as_u64().or_else(|| id.as_i64().map(|i| i as u64))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn exporter_bin() -> PathBuf {
@@ -85,8 +155,16 @@ fn every_relayed_flow_is_in_clickhouse_exactly_once() {
     }
     std::thread::sleep(Duration::from_millis(700));
 
+    let receiver = Receiver::start();
+    let mut otlp: lumen_otlp::OtlpConfig = serde_yaml::from_str(&format!(
+        "endpoint: http://127.0.0.1:{}\nexport_interval: 300ms\nlogs:\n  enabled: true\n  batch_timeout: 50ms\n",
+        receiver.grpc_port
+    ))
+    .expect("otlp config");
+    otlp.resource.cluster = Some("lab".into());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let config = lumen_relay::config::Config {
+        otlp: Some(otlp),
         listen_address: "127.0.0.1:0".parse().unwrap(),
         metrics_address: None,
         nodes: vec![format!("hist-node={node_addr}")],
@@ -175,6 +253,24 @@ fn every_relayed_flow_is_in_clickhouse_exactly_once() {
     assert!(
         missing.is_empty(),
         "flows missing in ClickHouse, e.g. {missing:?}"
+    );
+    // The OTLP receiver got one log record per relayed flow.
+    let logged: Vec<u64> = receiver.logged_flow_ids();
+    let logged_set: HashSet<u64> = logged.iter().copied().collect();
+    let served_ids: HashSet<u64> = served.iter().map(|(id, _)| *id).collect();
+    assert!(
+        served_ids.is_subset(&logged_set),
+        "flows missing in OTLP logs: {:?}",
+        served_ids
+            .difference(&logged_set)
+            .take(3)
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        logged.len() >= served.len(),
+        "{} log records for {} flows",
+        logged.len(),
+        served.len()
     );
     let _ = Command::new("kill")
         .args(["-TERM", &exporter.id().to_string()])
