@@ -1,7 +1,7 @@
 //! Stored flows to the wire model (`flow.Flow`), Hubble-compatible fields plus Lumen's
 //! 5000-range extensions.
 
-use lumen_datapath_common::{direction, flow_flags, hook, FlowReason};
+use lumen_datapath_common::{direction, flow_flags, FlowReason};
 use lumen_proto::flow::{
     self, layer4::Protocol, Endpoint, Flow, FlowCounters, IcmPv4, IcmPv6, Ip, Layer4,
     NetworkInterface, Tcp, TcpFlags, Udp,
@@ -272,14 +272,5 @@ impl StoredFlow {
     pub fn hook_is_ingress(&self) -> bool {
         let reply = self.flags & flow_flags::REPLY != 0;
         (self.direction == direction::EGRESS) != reply
-    }
-}
-
-/// The hook value for a stored flow (for tests and diagnostics).
-pub fn hook_of(f: &StoredFlow) -> u8 {
-    if f.hook_is_ingress() {
-        hook::TC_INGRESS
-    } else {
-        hook::TC_EGRESS
     }
 }

@@ -47,6 +47,10 @@ use crate::{
 /// Version reported in ServerStatus and GetNodes.
 pub const VERSION: &str = concat!("lumen-node-exporter/", env!("CARGO_PKG_VERSION"));
 
+/// What a policy compile depends on besides the policy files: the metadata generation and
+/// the local endpoints' (interface, ifindex) pairs.
+pub type PolicyInputs = (u64, Vec<(String, u32)>);
+
 /// What the running exporter shares between its tasks and the Observer service.
 pub struct NodeState {
     pub config: Config,
@@ -61,6 +65,8 @@ pub struct NodeState {
     pub compiled: Arc<std::sync::RwLock<Arc<lumen_policy::compile::CompiledPolicy>>>,
     /// The policies in force.
     pub policies: Arc<std::sync::RwLock<Arc<Vec<lumen_policy::Policy>>>>,
+    /// Metadata generation and local endpoint interfaces the policy was last applied for.
+    pub policy_inputs: Mutex<Option<PolicyInputs>>,
     /// Names of interfaces ever attached, by ifindex (flows outlive their interface).
     pub ifnames: std::sync::RwLock<std::collections::HashMap<u32, String>>,
 }
@@ -127,6 +133,7 @@ pub async fn run(
         started_ns: clock::realtime_ns(),
         datapath: datapath.clone(),
         ifnames: Default::default(),
+        policy_inputs: Mutex::new(None),
     });
 
     // Pipeline.
@@ -332,7 +339,31 @@ fn reconcile(state: &NodeState, patterns: &InterfacePatterns) {
         }
     }
     drop(dp);
-    apply_policy(state);
+    // Recompile only when what the policy depends on changed: the metadata version or
+    // which local endpoints have an interface (and its ifindex). Unrelated link events
+    // (other interfaces coming and going) cost a rescan, not a policy compile.
+    let inputs = (
+        snap.generation,
+        snap.index
+            .local_endpoints(node)
+            .filter_map(|ep| {
+                let i = ep.interface.as_deref()?;
+                Some((i.to_owned(), *present.get(i)?))
+            })
+            .collect::<Vec<_>>(),
+    );
+    let changed = {
+        let mut last = state
+            .policy_inputs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let changed = last.as_ref() != Some(&inputs);
+        *last = Some(inputs);
+        changed
+    };
+    if changed {
+        apply_policy(state);
+    }
     let Ok(dp) = state.datapath.lock() else {
         return;
     };
