@@ -131,22 +131,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let _udp = db.udp_listen(5353)?;
     std::thread::sleep(Duration::from_millis(300));
 
-    let observe = Proc(
-        Command::new(bin.join("lumen"))
-            .args([
-                "observe",
-                "--server",
-                &server,
-                "--follow",
-                "-o",
-                &args.output,
-                "--print-node-name",
-            ])
-            .stdin(Stdio::null())
-            .spawn()
-            .context("starting lumen observe")?,
-        "lumen observe",
-    );
+    let observe = observe_follow(&bin, &server, &args.output)?;
 
     let started = Instant::now();
     let deadline = args.duration.map(Duration::from_secs);
@@ -338,22 +323,7 @@ fn run_multi_node(args: DemoArgs) -> Result<()> {
         args.nodes,
         lab.id()
     );
-    let observe = Proc(
-        Command::new(bin.join("lumen"))
-            .args([
-                "observe",
-                "--server",
-                &relay_addr,
-                "--follow",
-                "-o",
-                &args.output,
-                "--print-node-name",
-            ])
-            .stdin(Stdio::null())
-            .spawn()
-            .context("starting lumen observe")?,
-        "lumen observe",
-    );
+    let observe = observe_follow(&bin, &relay_addr, &args.output)?;
     let started = Instant::now();
     let deadline = args.duration.map(Duration::from_secs);
     let mut round = 0usize;
@@ -425,4 +395,22 @@ fn remove_lab(lab: Lab) -> Result<()> {
             attached.join("; ")
         )
     }
+}
+
+/// `lumen observe --follow` against `server`, printing to the terminal.
+fn observe_follow(bin: &std::path::Path, server: &str, output: &str) -> Result<Proc> {
+    let child = Command::new(bin.join("lumen"))
+        .args([
+            "observe",
+            "--server",
+            server,
+            "--follow",
+            "-o",
+            output,
+            "--print-node-name",
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting lumen observe")?;
+    Ok(Proc(child, "lumen observe"))
 }
