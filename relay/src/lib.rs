@@ -112,6 +112,10 @@ pub async fn start_with_resolver(
     resolver: Arc<dyn Resolver>,
 ) -> Result<RelayHandle, StartError> {
     config.validate()?;
+    // The sinks keep every flow from the relay's start: taken before any node is
+    // connected, so flows received while the sinks start up (migrations can take a
+    // while) are not skipped.
+    let sinks_since = wire::now_ns() - 1;
     let node_tls = config.node_tls.as_ref().map(NodeTls::load).transpose()?;
     let server_tls = config
         .server_tls
@@ -228,6 +232,7 @@ pub async fn start_with_resolver(
                 config.otlp.as_ref(),
                 &config.name,
                 local,
+                sinks_since,
                 &metrics,
                 stop_rx.clone(),
             )

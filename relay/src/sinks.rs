@@ -46,6 +46,7 @@ impl Sinks {
         otlp: Option<&lumen_otlp::OtlpConfig>,
         relay_name: &str,
         relay: SocketAddr,
+        since: i64,
         metrics: &Metrics,
         stop: watch::Receiver<bool>,
     ) -> Result<Sinks, SinkError> {
@@ -71,9 +72,8 @@ impl Sinks {
             }
             None => None,
         };
-        // Flows from this moment on are the sinks' (taken before start returns, so
-        // anything the relay serves as newer is covered even before the follower runs).
-        let since = crate::wire::now_ns() - 1;
+        // Flows newer than `since` (the relay's start) are the sinks': the follower asks
+        // for them, so those received while the sinks started are covered too.
         let task = (history.is_some() || otlp.is_some()).then(|| {
             tokio::spawn(follow(
                 relay,
