@@ -25,6 +25,7 @@ pub mod batches;
 pub mod config;
 pub mod discovery;
 pub mod fanout;
+pub mod history_join;
 pub mod merge;
 pub mod metrics;
 pub mod observer;
@@ -156,6 +157,7 @@ pub async fn start_with_resolver(
         max_number: config.max_number,
         max_clients: config.max_clients,
         request_timeout: config.request_timeout,
+        history: std::sync::OnceLock::new(),
     });
 
     let listener = tokio::net::TcpListener::bind(config.listen_address)
@@ -241,6 +243,9 @@ pub async fn start_with_resolver(
     } else {
         None
     };
+    if let Some(view) = sinks.as_ref().and_then(sinks::Sinks::history_view) {
+        let _ = relay.history.set(view);
+    }
 
     Ok(RelayHandle {
         address,

@@ -21,6 +21,7 @@ pub mod names {
     pub const WINDOW_RELEASED: &str = "lumen_relay_reorder_window_released_flows";
     pub const CLIENTS: &str = "lumen_relay_clients";
     pub const NODES: &str = "lumen_relay_nodes";
+    pub const HISTORY_FLOWS_SERVED: &str = "lumen_relay_history_flows_served";
 }
 
 /// Connection states as the `state` label.
@@ -73,6 +74,7 @@ pub struct Metrics {
     pub window_released: Counter,
     pub clients: Gauge,
     pub nodes: Gauge,
+    pub history_flows_served: Counter,
 }
 
 impl Metrics {
@@ -89,6 +91,7 @@ impl Metrics {
             window_released: Counter::default(),
             clients: Gauge::default(),
             nodes: Gauge::default(),
+            history_flows_served: Counter::default(),
         };
         registry.register(
             names::NODE_STATE,
@@ -131,6 +134,11 @@ impl Metrics {
             m.clients.clone(),
         );
         registry.register(names::NODES, "Nodes known to the relay", m.nodes.clone());
+        registry.register(
+            names::HISTORY_FLOWS_SERVED,
+            "Flows sent to clients from history (ClickHouse): the part of a since/until range older than the seam with the live stream",
+            m.history_flows_served.clone(),
+        );
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
         Arc::new(m)
     }

@@ -7,7 +7,12 @@
 //! Requests are validated in one place ([`FlowQuery::parse`]) and errors become a
 //! `tonic::Status` there.
 
-use std::{convert::Infallible, sync::Arc, task::Poll, time::Duration};
+use std::{
+    convert::Infallible,
+    sync::{Arc, OnceLock},
+    task::Poll,
+    time::Duration,
+};
 
 use futures::{future::join_all, StreamExt};
 use lumen_proto::observer::{
@@ -31,13 +36,14 @@ use tonic::{
 use crate::{
     batches::{to_flow_batch, MAX_MESSAGE_BYTES},
     fanout::{self, Api, FanoutSettings},
+    history_join::{self, HistoryView, ResponseStream},
     metrics::Metrics,
     pool::{ConnState, NodePool},
     proto::batches::{
         flow_batches_server::{FlowBatches, FlowBatchesServer},
         FlowBatch,
     },
-    queue::{queue, QueueReceiver, Responses},
+    queue::{queue, QueueReceiver},
     request::FlowQuery,
     wire::{now_ns, RawResponse},
 };
@@ -56,18 +62,53 @@ pub struct Relay {
     pub max_number: u64,
     pub max_clients: usize,
     pub request_timeout: Duration,
+    /// The relay's flow history, once its sink runs (answers the past of since/until).
+    pub history: OnceLock<HistoryView>,
 }
 
 impl Relay {
-    /// Validates `request` and starts its fan-out; the receiver yields merged batches.
-    pub fn start_flows(&self, request: GetFlowsRequest, api: Api) -> Result<QueueReceiver, Status> {
+    /// Validates `request` (INVALID_ARGUMENT naming what is wrong).
+    pub fn check(&self, request: GetFlowsRequest) -> Result<FlowQuery, Status> {
         let capacity = self
             .pool
             .nodes()
             .iter()
             .filter_map(|n| n.status().server_status.map(|s| s.max_flows))
             .sum();
-        let query = FlowQuery::parse(request, self.max_number, capacity, now_ns())?;
+        Ok(FlowQuery::parse(
+            request,
+            self.max_number,
+            capacity,
+            now_ns(),
+        )?)
+    }
+
+    /// GetFlows as the Observer API answers it: from history for the past of a time
+    /// range when the relay keeps history, from the nodes otherwise.
+    pub fn flows(self: &Arc<Self>, request: GetFlowsRequest) -> Result<ResponseStream, Status> {
+        if let Some(view) = self.history.get() {
+            if let Some(s) = history_join::joined(self, view, &request)? {
+                return Ok(s);
+            }
+        }
+        Ok(self
+            .start_flows(request, Api::Observer)?
+            .into_responses()
+            .boxed())
+    }
+
+    /// The nodes' answer to `request` as responses; a refused request becomes the
+    /// stream's only item.
+    pub fn live(&self, request: GetFlowsRequest) -> ResponseStream {
+        match self.start_flows(request, Api::Observer) {
+            Ok(rx) => rx.into_responses().boxed(),
+            Err(status) => futures::stream::once(async move { Err(status) }).boxed(),
+        }
+    }
+
+    /// Validates `request` and starts its fan-out; the receiver yields merged batches.
+    pub fn start_flows(&self, request: GetFlowsRequest, api: Api) -> Result<QueueReceiver, Status> {
+        let query = self.check(request)?;
         if self.metrics.clients.get() >= self.max_clients as i64 {
             return Err(Status::resource_exhausted(format!(
                 "the relay already serves {} GetFlows streams, its maximum",
@@ -252,8 +293,7 @@ impl Observer for RelayObserver {
         &self,
         request: Request<GetFlowsRequest>,
     ) -> Result<Response<Self::GetFlowsStream>, Status> {
-        let rx = self.0.start_flows(request.into_inner(), Api::Observer)?;
-        let s = rx.into_responses().map(|r| {
+        let s = self.0.flows(request.into_inner())?.map(|r| {
             r.and_then(|raw| {
                 raw.to_response()
                     .map_err(|e| Status::internal(format!("undecodable flow: {e}")))
@@ -323,15 +363,11 @@ struct GetFlowsSvc(Arc<Relay>);
 
 impl tonic::server::ServerStreamingService<GetFlowsRequest> for GetFlowsSvc {
     type Response = RawResponse;
-    type ResponseStream = Responses;
-    type Future = futures::future::Ready<Result<Response<Responses>, Status>>;
+    type ResponseStream = ResponseStream;
+    type Future = futures::future::Ready<Result<Response<ResponseStream>, Status>>;
 
     fn call(&mut self, request: Request<GetFlowsRequest>) -> Self::Future {
-        futures::future::ready(
-            self.0
-                .start_flows(request.into_inner(), Api::Observer)
-                .map(|rx| Response::new(rx.into_responses())),
-        )
+        futures::future::ready(self.0.flows(request.into_inner()).map(Response::new))
     }
 }
 

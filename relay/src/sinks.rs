@@ -4,7 +4,14 @@
 //! order. The follower reconnects on failure; flows a slow sink could not take are
 //! counted by the relay's client queue like any slow client's (LostEvent, metrics).
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicI64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use lumen_proto::{
     flow::Flow,
@@ -15,7 +22,7 @@ use lumen_proto::{
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
-use crate::metrics::Metrics;
+use crate::{history_join::HistoryView, metrics::Metrics};
 
 /// Most flows handed to the sinks at once.
 const BATCH: usize = 4096;
@@ -37,6 +44,8 @@ pub struct Sinks {
     history: Option<Arc<lumen_history::History>>,
     otlp: Option<lumen_otlp::OtlpExporter>,
     task: Option<JoinHandle<()>>,
+    /// Time of the newest flow handed to the history writer (ns).
+    handed_ns: Arc<AtomicI64>,
 }
 
 impl Sinks {
@@ -74,12 +83,16 @@ impl Sinks {
         };
         // Flows newer than `since` (the relay's start) are the sinks': the follower asks
         // for them, so those received while the sinks started are covered too.
+        let handed_ns = Arc::new(AtomicI64::new(since));
         let task = (history.is_some() || otlp.is_some()).then(|| {
             tokio::spawn(follow(
                 relay,
                 since,
-                history.clone(),
-                otlp.as_ref().map(|e| e.recorder()),
+                Handover {
+                    history: history.clone(),
+                    otlp: otlp.as_ref().map(|e| e.recorder()),
+                    handed_ns: handed_ns.clone(),
+                },
                 stop,
             ))
         });
@@ -87,7 +100,15 @@ impl Sinks {
             history,
             otlp,
             task,
+            handed_ns,
         })
+    }
+
+    /// History as the relay's GetFlows reads it (with how far it is complete).
+    pub fn history_view(&self) -> Option<HistoryView> {
+        self.history
+            .as_ref()
+            .map(|h| HistoryView::new(h.clone(), self.handed_ns.clone()))
     }
 
     /// Flush and stop: what was handed over is inserted or spooled within `grace`.
@@ -106,13 +127,7 @@ impl Sinks {
     }
 }
 
-async fn follow(
-    relay: SocketAddr,
-    since: i64,
-    history: Option<Arc<lumen_history::History>>,
-    otlp: Option<lumen_otlp::FlowRecorder>,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn follow(relay: SocketAddr, since: i64, sinks: Handover, mut stop: watch::Receiver<bool>) {
     let url = format!("http://{relay}");
     // Start from the relay's start (flows the nodes saw while the sinks connected are not
     // missed) and resume after a reconnect from the last flow handed over.
@@ -164,24 +179,24 @@ async fn follow(
                             }
                             batch.push(f);
                             if batch.len() >= BATCH {
-                                hand_over(&mut batch, &history, &otlp).await;
+                                sinks.hand_over(&mut batch).await;
                             }
                         }
                         Some(ResponseTypes::LostEvents(l)) => {
-                            if let Some(o) = &otlp {
+                            if let Some(o) = &sinks.otlp {
                                 o.record_lost_event(&l, &resp.node_name);
                             }
                         }
                         _ => {}
                     },
                     Ok(None) | Err(_) => {
-                        hand_over(&mut batch, &history, &otlp).await;
+                        sinks.hand_over(&mut batch).await;
                         break;
                     }
                 },
-                _ = tick.tick() => hand_over(&mut batch, &history, &otlp).await,
+                _ = tick.tick() => sinks.hand_over(&mut batch).await,
                 _ = stop.changed() => {
-                    hand_over(&mut batch, &history, &otlp).await;
+                    sinks.hand_over(&mut batch).await;
                     return;
                 }
             }
@@ -193,25 +208,39 @@ async fn follow(
     }
 }
 
-async fn hand_over(
-    batch: &mut Vec<Flow>,
-    history: &Option<Arc<lumen_history::History>>,
-    otlp: &Option<lumen_otlp::FlowRecorder>,
-) {
-    if batch.is_empty() {
-        return;
-    }
-    let flows = std::mem::take(batch);
-    if let Some(o) = otlp {
-        for f in &flows {
-            o.record(f, "");
+/// What the follower hands flows to.
+struct Handover {
+    history: Option<Arc<lumen_history::History>>,
+    otlp: Option<lumen_otlp::FlowRecorder>,
+    handed_ns: Arc<AtomicI64>,
+}
+
+impl Handover {
+    async fn hand_over(&self, batch: &mut Vec<Flow>) {
+        if batch.is_empty() {
+            return;
         }
-    }
-    if let Some(h) = history {
-        // Backpressure: while ClickHouse and the spool are backed up, the relay's client
-        // queue for this follower fills and its losses are counted there.
-        if let Err(e) = h.writer().submit(flows).await {
-            warn!(error = ?e, "history refused flows");
+        let flows = std::mem::take(batch);
+        let newest = flows
+            .iter()
+            .filter_map(|f| f.time.as_ref())
+            .map(crate::wire::timestamp_ns)
+            .max();
+        if let Some(o) = &self.otlp {
+            for f in &flows {
+                o.record(f, "");
+            }
+        }
+        if let Some(h) = &self.history {
+            // Backpressure: while ClickHouse and the spool are backed up, the relay's client
+            // queue for this follower fills and its losses are counted there.
+            if let Err(e) = h.writer().submit(flows).await {
+                warn!(error = ?e, "history refused flows");
+            }
+        }
+        // Handed over (inserted, or pending in the writer): history is complete up to here.
+        if let Some(t) = newest {
+            self.handed_ns.fetch_max(t, Ordering::AcqRel);
         }
     }
 }

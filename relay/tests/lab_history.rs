@@ -90,6 +90,22 @@ impl Receiver {
     }
 }
 
+impl Receiver {
+    /// The newest point of each attribute set of metric `name`.
+    fn latest_points(&self, name: &str) -> std::collections::BTreeMap<String, serde_json::Value> {
+        let mut out = std::collections::BTreeMap::new();
+        for v in std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["signal"] == "metric" && v["name"] == name)
+        {
+            out.insert(v["attributes"].to_string(), v);
+        }
+        out
+    }
+}
+
 impl Drop for Receiver {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -97,27 +113,75 @@ impl Drop for Receiver {
     }
 }
 
-fn exporter_bin() -> PathBuf {
+/// A workspace binary next to this test's, built (debug, as this test) if missing.
+fn workspace_bin(package: &str, bin: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_BIN_EXE_lumen-relay"))
         .parent()
         .unwrap()
         .to_path_buf();
-    let bin = dir.join("lumen-node-exporter");
-    if !bin.exists() {
+    let path = dir.join(bin);
+    if !path.exists() {
         let ok = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "-p",
-                "lumen-node-exporter",
-                "--bin",
-                "lumen-node-exporter",
-            ])
+            .args(["build", "-p", package, "--bin", bin])
             .status()
             .unwrap()
             .success();
-        assert!(ok, "building lumen-node-exporter");
+        assert!(ok, "building {bin}");
     }
-    bin
+    path
+}
+
+fn timestamp(ns: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ns.div_euclid(1_000_000_000),
+        nanos: ns.rem_euclid(1_000_000_000) as i32,
+    }
+}
+
+fn rfc3339(ns: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_nanos(ns as u64);
+    humantime::format_rfc3339_nanos(t).to_string()
+}
+
+fn parse_rfc3339(s: &str) -> i64 {
+    let t = humantime::parse_rfc3339(s).unwrap_or_else(|e| panic!("time {s:?}: {e}"));
+    t.duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Flows the relay serves from the nodes' rings with a time at or after `since` ns
+/// (flow id and time identify a flow event).
+async fn served_since(relay: &str, since: i64) -> HashSet<(u64, i64)> {
+    let mut c = ObserverClient::connect(relay.to_owned()).await.unwrap();
+    let mut s = c
+        .get_flows(GetFlowsRequest {
+            number: u64::MAX,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = HashSet::new();
+    while let Some(r) = s.message().await.unwrap() {
+        if let Some(ResponseTypes::Flow(f)) = r.response_types {
+            let t = f.time.unwrap_or_default();
+            let ns = t.seconds * 1_000_000_000 + i64::from(t.nanos);
+            if ns >= since {
+                out.insert((f.flow_id, ns));
+            }
+        }
+    }
+    out
 }
 
 #[test]
@@ -132,7 +196,7 @@ fn every_relayed_flow_is_in_clickhouse_exactly_once() {
     let server = lab.add_pod("server").expect("pod");
     let http = server.http_server(8080).expect("http");
     let node_addr = format!("127.0.0.1:{}", free_port());
-    let mut exporter = Command::new(exporter_bin())
+    let mut exporter = Command::new(workspace_bin("lumen-node-exporter", "lumen-node-exporter"))
         .args([
             "--node-name",
             "hist-node",
@@ -178,15 +242,95 @@ fn every_relayed_flow_is_in_clickhouse_exactly_once() {
     let relay = format!("http://{}", handle.address);
     std::thread::sleep(Duration::from_millis(800));
 
-    for _ in 0..5 {
+    let traffic = |gets: usize| {
+        for _ in 0..gets {
+            client
+                .http_get(IpAddr::V4(server.ipv4), 8080, "/")
+                .expect("http");
+        }
         client
-            .http_get(IpAddr::V4(server.ipv4), 8080, "/")
-            .expect("http");
-    }
-    client
-        .udp_send(IpAddr::V4(server.ipv4), 5353, b"x")
-        .expect("udp");
-    client.ping(IpAddr::V6(server.ipv6), 2).expect("ping6");
+            .udp_send(IpAddr::V4(server.ipv4), 5353, b"x")
+            .expect("udp");
+        client.ping(IpAddr::V6(server.ipv6), 2).expect("ping6");
+    };
+    traffic(5);
+    std::thread::sleep(Duration::from_millis(800));
+
+    // Once history holds the first part, a client asks for everything since the relay
+    // started and follows: the past comes from ClickHouse, the rest from the node.
+    let first_part = rt.block_on(served_since(&relay, relay_start));
+    wait_for("history to hold the first part", || {
+        ch.number("SELECT count() FROM lumen_e2e.flows") as usize >= first_part.len()
+    });
+    let part_end = first_part.iter().map(|(_, ns)| *ns).max().unwrap() + 1;
+    let (joined_tx, joined_rx) = std::sync::mpsc::channel::<(u64, i64)>();
+    let follower = {
+        let relay = relay.clone();
+        rt.spawn(async move {
+            let mut c = ObserverClient::connect(relay).await.unwrap();
+            let mut s = c
+                .get_flows(GetFlowsRequest {
+                    since: Some(timestamp(relay_start)),
+                    follow: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            while let Ok(Some(r)) = s.message().await {
+                if let Some(ResponseTypes::Flow(f)) = r.response_types {
+                    let t = f.time.unwrap_or_default();
+                    let ns = t.seconds * 1_000_000_000 + i64::from(t.nanos);
+                    if joined_tx.send((f.flow_id, ns)).is_err() {
+                        return;
+                    }
+                }
+            }
+        })
+    };
+    // `lumen observe --since/--until` over the first part only: answered from history.
+    let out = Command::new(workspace_bin("lumen", "lumen"))
+        .args([
+            "observe",
+            "--server",
+            &handle.address.to_string(),
+            "--since",
+            &rfc3339(relay_start),
+            "--until",
+            &rfc3339(part_end),
+            "-o",
+            "json",
+        ])
+        .output()
+        .expect("lumen observe");
+    assert!(
+        out.status.success(),
+        "lumen observe --since/--until: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let from_cli: Vec<(u64, i64)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| {
+            let f = &v["flow"];
+            let id = f["flow_id"]
+                .as_u64()
+                .or_else(|| f["flow_id"].as_str()?.parse().ok())?;
+            Some((id, parse_rfc3339(f["time"].as_str()?)))
+        })
+        .collect();
+    assert_eq!(
+        from_cli.iter().copied().collect::<HashSet<_>>(),
+        first_part,
+        "lumen observe --since/--until from history = what the relay served then"
+    );
+    assert_eq!(from_cli.len(), first_part.len(), "no flow twice");
+    assert!(
+        handle.metrics.history_flows_served.get() >= first_part.len() as u64,
+        "the past part was read from ClickHouse"
+    );
+
+    traffic(3);
     std::thread::sleep(Duration::from_millis(800));
     // No more traffic: the pods (and their interfaces) go away.
     drop(http);
@@ -195,33 +339,33 @@ fn every_relayed_flow_is_in_clickhouse_exactly_once() {
     std::thread::sleep(Duration::from_millis(1500));
 
     // Everything the relay serves (the whole ring) ...
-    let served: HashSet<(u64, i64)> = rt.block_on(async {
-        let mut c = ObserverClient::connect(relay.clone()).await.unwrap();
-        let mut s = c
-            .get_flows(GetFlowsRequest {
-                number: u64::MAX,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let mut out = HashSet::new();
-        while let Some(r) = s.message().await.unwrap() {
-            if let Some(ResponseTypes::Flow(f)) = r.response_types {
-                let t = f.time.unwrap_or_default();
-                let ns = t.seconds * 1_000_000_000 + i64::from(t.nanos);
-                // What the relay received since it started (the node's ring is older).
-                if ns >= relay_start {
-                    out.insert((f.flow_id, ns));
-                }
-            }
-        }
-        out
-    });
+    let served = rt.block_on(served_since(&relay, relay_start));
     assert!(
-        served.len() >= 10,
+        served.len() >= 10 && served.len() > first_part.len(),
         "the relay served {} flows",
         served.len()
+    );
+    // ... was followed from history into the live stream without a gap or a duplicate.
+    let newest = served.iter().map(|(_, ns)| *ns).max().unwrap();
+    let mut joined: Vec<(u64, i64)> = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !served.iter().all(|f| joined.contains(f)) && std::time::Instant::now() < deadline {
+        if let Ok(f) = joined_rx.recv_timeout(Duration::from_millis(100)) {
+            joined.push(f);
+        }
+    }
+    follower.abort();
+    let joined_upto: Vec<(u64, i64)> = joined.iter().copied().filter(|f| f.1 <= newest).collect();
+    let joined_set: HashSet<(u64, i64)> = joined_upto.iter().copied().collect();
+    assert_eq!(
+        joined_upto.len(),
+        joined_set.len(),
+        "a flow sent twice at the seam"
+    );
+    assert_eq!(joined_set, served, "history + live = what the relay served");
+    assert!(
+        joined.windows(2).all(|w| w[0].1 <= w[1].1),
+        "joined stream in time order"
     );
     // ... is in ClickHouse exactly once after the relay flushes on shutdown.
     rt.block_on(handle.shutdown());
@@ -272,6 +416,20 @@ fn every_relayed_flow_is_in_clickhouse_exactly_once() {
         logged.len(),
         served.len()
     );
+    // The rollups agree with `flows`, key by key.
+    history_common::assert_rollups_agree(&ch, "lumen_e2e");
+    // The OTLP metrics count the same flows as ClickHouse stored (the sinks see one stream),
+    // by verdict too.
+    let forwarded = ch.number("SELECT countIf(verdict = 1) FROM lumen_e2e.flows");
+    let points = receiver.latest_points("lumen.flows");
+    let total: u64 = points.values().filter_map(|p| p["value"].as_u64()).sum();
+    let total_forwarded: u64 = points
+        .values()
+        .filter(|p| p["attributes"]["lumen.verdict"] == "FORWARDED")
+        .filter_map(|p| p["value"].as_u64())
+        .sum();
+    assert_eq!(total, rows, "lumen.flows total = flows stored");
+    assert_eq!(total_forwarded, forwarded, "lumen.flows FORWARDED");
     let _ = Command::new("kill")
         .args(["-TERM", &exporter.id().to_string()])
         .status();

@@ -512,3 +512,51 @@ pub fn chdb_available() -> Result<(), String> {
         Err(e) => Err(format!("python3: {e}")),
     }
 }
+
+/// The rollups hold exactly what `flows` says, key by key.
+pub fn assert_rollups_agree(ch: &ClickHouse, db: &str) {
+    let pair = "src_namespace, src_workload, dst_namespace, dst_workload";
+    let from_flows = ch.client(&format!(
+        "SELECT toStartOfMinute(time) AS m, {pair}, verdict, direction, count(), countIf(event_kind = 1), \
+         sum(delta_packets), sum(delta_bytes) FROM {db}.flows GROUP BY m, {pair}, verdict, direction \
+         ORDER BY m, {pair}, verdict, direction"
+    ));
+    let rollup = ch.client(&format!(
+        "SELECT minute, {pair}, verdict, direction, sum(events), sum(connections), sum(packets), sum(bytes) \
+         FROM {db}.flows_1m GROUP BY minute, {pair}, verdict, direction ORDER BY minute, {pair}, verdict, direction"
+    ));
+    assert!(!rollup.is_empty());
+    assert_eq!(from_flows, rollup, "flows_1m disagrees with flows");
+    let from_flows = ch.client(&format!(
+        "SELECT toStartOfMinute(time) AS m, drop_reason, {pair}, count(), sum(delta_packets) FROM {db}.flows \
+         WHERE verdict = 2 GROUP BY m, drop_reason, {pair} ORDER BY m, drop_reason, {pair}"
+    ));
+    let rollup = ch.client(&format!(
+        "SELECT minute, drop_reason, {pair}, sum(drops), sum(packets) FROM {db}.drops_1m \
+         GROUP BY minute, drop_reason, {pair} ORDER BY minute, drop_reason, {pair}"
+    ));
+    assert_eq!(from_flows, rollup, "drops_1m disagrees with flows");
+    let from_flows = ch.client(&format!(
+        "SELECT toStartOfMinute(time) AS m, dst_workload, src_workload, count(), \
+         arrayMap(x -> toUInt64(x), quantilesTDigest(0.5, 0.99)(handshake_rtt_ns)) FROM {db}.flows \
+         WHERE handshake_rtt_ns > 0 AND protocol = 6 AND bitAnd(tcp_flags, 18) = 18 \
+         GROUP BY m, dst_workload, src_workload ORDER BY m, dst_workload, src_workload"
+    ));
+    let rollup = ch.client(&format!(
+        "SELECT minute, client_workload, server_workload, countMerge(samples), \
+         arrayMap(x -> toUInt64(x), quantilesTDigestMerge(0.5, 0.99)(handshake_rtt)) FROM {db}.latency_1m \
+         GROUP BY minute, client_workload, server_workload ORDER BY minute, client_workload, server_workload"
+    ));
+    // Sample counts must agree exactly; t-digest quantiles merged from partial states may
+    // differ slightly from a single pass, so compare the counts column.
+    let counts = |s: &str| {
+        s.lines()
+            .map(|l| l.split('\t').take(4).collect::<Vec<_>>().join("\t"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        counts(&from_flows),
+        counts(&rollup),
+        "latency_1m samples disagree with flows"
+    );
+}
