@@ -6,7 +6,7 @@ use std::time::Duration;
 use lumen_proto::flow::LostEventSource;
 use lumen_proto::format::{FormatOptions, OutputFormat, Printer};
 use lumen_proto::observer::observer_client::ObserverClient;
-use lumen_proto::observer::{GetNodesRequest, ServerStatusRequest};
+use lumen_proto::observer::{GetNodesRequest, LumenSinkStatus, ServerStatusRequest};
 use lumen_proto::relay::NodeState;
 use tonic::transport::{Channel, Endpoint};
 
@@ -170,7 +170,57 @@ pub async fn status(cli: &Cli) -> Result<(), CliError> {
             .unwrap_or_else(|_| lost.source.to_string());
         text.push_str(&format!("Lost Events: {source} {}\n", lost.num_events_lost));
     }
+    for sink in &s.sinks {
+        text.push_str(&sink_text(sink));
+    }
     out.write_all(text.as_bytes()).map_err(CliError::Output)
+}
+
+/// A relay sink's lines in `lumen status`.
+fn sink_text(s: &LumenSinkStatus) -> String {
+    let title = match s.name.as_str() {
+        "history" => "History",
+        "otlp" => "OTLP Export",
+        other => other,
+    };
+    let health = if s.healthy {
+        "Ok".to_owned()
+    } else if s.last_error.is_empty() {
+        "Failing".to_owned()
+    } else {
+        format!("Failing: {}", s.last_error.replace('\n', " "))
+    };
+    let mut text = format!("{title} ({}): {health}\n", s.target);
+    let (written, queued) = match s.name.as_str() {
+        "history" => ("rows written", "spooled batches"),
+        _ => ("log records exported", "log records queued"),
+    };
+    text.push_str(&format!(
+        "  Flows: {}, {written}: {}, {queued}: {}",
+        s.flows, s.written, s.queued
+    ));
+    if s.queued_bytes > 0 {
+        text.push_str(&format!(" ({} bytes)", s.queued_bytes));
+    }
+    text.push('\n');
+    if let Some(t) = &s.complete_until {
+        if let Some(t) = chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32) {
+            text.push_str(&format!(
+                "  Complete Until: {}\n",
+                t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            ));
+        }
+    }
+    let mut dropped: Vec<_> = s.dropped.iter().filter(|(_, n)| **n > 0).collect();
+    dropped.sort();
+    let lost: u64 = dropped.iter().map(|(_, n)| **n).sum();
+    text.push_str(&format!("  Dropped: {lost}"));
+    if !dropped.is_empty() {
+        let parts: Vec<String> = dropped.iter().map(|(r, n)| format!("{r} {n}")).collect();
+        text.push_str(&format!(" ({})", parts.join(", ")));
+    }
+    text.push('\n');
+    text
 }
 
 fn state_name(state: i32) -> &'static str {

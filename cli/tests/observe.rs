@@ -17,8 +17,8 @@ use lumen_proto::observer::observer_server::{Observer, ObserverServer};
 use lumen_proto::observer::{
     get_flows_response::ResponseTypes, GetAgentEventsRequest, GetAgentEventsResponse,
     GetDebugEventsRequest, GetDebugEventsResponse, GetFlowsRequest, GetFlowsResponse,
-    GetNamespacesRequest, GetNamespacesResponse, GetNodesRequest, GetNodesResponse, Node,
-    ServerStatusRequest, ServerStatusResponse,
+    GetNamespacesRequest, GetNamespacesResponse, GetNodesRequest, GetNodesResponse,
+    LumenSinkStatus, Node, ServerStatusRequest, ServerStatusResponse,
 };
 use lumen_proto::relay::NodeState;
 use tokio_stream::Stream;
@@ -197,6 +197,35 @@ impl Observer for TestObserverServer {
                 num_events_lost: 7,
                 cpu: None,
             }],
+            sinks: vec![
+                LumenSinkStatus {
+                    name: "history".into(),
+                    target: "http://127.0.0.1:8123 database lumen".into(),
+                    healthy: true,
+                    flows: 1000,
+                    written: 990,
+                    queued: 1,
+                    queued_bytes: 4096,
+                    complete_until: ts(1_700_000_000),
+                    ..Default::default()
+                },
+                LumenSinkStatus {
+                    name: "otlp".into(),
+                    target: "grpc http://collector:4317".into(),
+                    healthy: false,
+                    last_error: "connection refused".into(),
+                    flows: 1000,
+                    written: 900,
+                    queued: 60,
+                    dropped: [
+                        ("queue_full".to_owned(), 40),
+                        ("relay_queue_full".to_owned(), 2),
+                    ]
+                    .into_iter()
+                    .collect(),
+                    ..Default::default()
+                },
+            ],
         }))
     }
 }
@@ -605,6 +634,15 @@ fn status_and_nodes() {
     assert!(text.contains("Uptime: 1h 2m 3s"), "{text}");
     assert!(
         text.contains("Lost Events: PERF_EVENT_RING_BUFFER 7"),
+        "{text}"
+    );
+    // The relay's sinks, with what they dropped by reason.
+    assert!(
+        text.contains("History (http://127.0.0.1:8123 database lumen): Ok\n  Flows: 1000, rows written: 990, spooled batches: 1 (4096 bytes)\n  Complete Until: 2023-11-14T22:13:20.000Z\n  Dropped: 0\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("OTLP Export (grpc http://collector:4317): Failing: connection refused\n  Flows: 1000, log records exported: 900, log records queued: 60\n  Dropped: 42 (queue_full 40, relay_queue_full 2)\n"),
         "{text}"
     );
 

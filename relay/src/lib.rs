@@ -158,6 +158,7 @@ pub async fn start_with_resolver(
         max_clients: config.max_clients,
         request_timeout: config.request_timeout,
         history: std::sync::OnceLock::new(),
+        sinks: std::sync::OnceLock::new(),
     });
 
     let listener = tokio::net::TcpListener::bind(config.listen_address)
@@ -243,8 +244,11 @@ pub async fn start_with_resolver(
     } else {
         None
     };
-    if let Some(view) = sinks.as_ref().and_then(sinks::Sinks::history_view) {
-        let _ = relay.history.set(view);
+    if let Some(s) = &sinks {
+        let _ = relay.sinks.set(s.report());
+        if let Some(view) = s.history_view() {
+            let _ = relay.history.set(view);
+        }
     }
 
     Ok(RelayHandle {

@@ -45,6 +45,7 @@ use crate::{
     },
     queue::{queue, QueueReceiver},
     request::FlowQuery,
+    sinks::SinkReport,
     wire::{now_ns, RawResponse},
 };
 
@@ -64,6 +65,8 @@ pub struct Relay {
     pub request_timeout: Duration,
     /// The relay's flow history, once its sink runs (answers the past of since/until).
     pub history: OnceLock<HistoryView>,
+    /// The sinks' state for ServerStatus, once they run.
+    pub sinks: OnceLock<SinkReport>,
 }
 
 impl Relay {
@@ -196,6 +199,9 @@ impl Relay {
             own,
         );
         unavailable.sort();
+        if let Some(sinks) = self.sinks.get() {
+            out.sinks = sinks.status();
+        }
         out.num_connected_nodes = Some(connected);
         out.num_unavailable_nodes = Some(unavailable.len() as u32);
         out.unavailable_nodes = unavailable;

@@ -5,9 +5,10 @@
 //! counted by the relay's client queue like any slow client's (LostEvent, metrics).
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicI64, Ordering},
+        atomic::{AtomicI64, AtomicU64, Ordering},
         Arc,
     },
     time::Duration,
@@ -17,6 +18,7 @@ use lumen_proto::{
     flow::Flow,
     observer::{
         get_flows_response::ResponseTypes, observer_client::ObserverClient, GetFlowsRequest,
+        LumenSinkStatus,
     },
 };
 use tokio::{sync::watch, task::JoinHandle};
@@ -44,8 +46,126 @@ pub struct Sinks {
     history: Option<Arc<lumen_history::History>>,
     otlp: Option<lumen_otlp::OtlpExporter>,
     task: Option<JoinHandle<()>>,
-    /// Time of the newest flow handed to the history writer (ns).
+    report: SinkReport,
+}
+
+/// What the follower has done, shared with [`SinkReport`].
+#[derive(Default)]
+struct Progress {
+    /// Flows handed to the sinks.
+    handed: AtomicU64,
+    /// Flows the relay dropped from the follower's stream because the sinks fell behind
+    /// (its LostEvent records).
+    lost: AtomicU64,
+}
+
+/// The sinks' state for ServerStatus (`lumen status`).
+#[derive(Clone)]
+pub struct SinkReport {
+    history: Option<HistorySide>,
+    otlp: Option<lumen_otlp::FlowRecorder>,
+    progress: Arc<Progress>,
+    /// Time of the newest flow handed to the sinks (ns).
     handed_ns: Arc<AtomicI64>,
+}
+
+#[derive(Clone)]
+struct HistorySide {
+    history: Arc<lumen_history::History>,
+    metrics: lumen_history::HistoryMetrics,
+    target: String,
+}
+
+/// Loss reason of flows the relay dropped before the sinks got them.
+const RELAY_QUEUE_FULL: &str = "relay_queue_full";
+
+impl SinkReport {
+    /// One status per configured sink.
+    pub fn status(&self) -> Vec<LumenSinkStatus> {
+        let lost = self.progress.lost.load(Ordering::Relaxed);
+        let handed = self.progress.handed.load(Ordering::Relaxed);
+        let mut out = Vec::new();
+        if let Some(h) = &self.history {
+            let w = h.history.writer().status();
+            let mut dropped: HashMap<String, u64> = [
+                lumen_history::metrics::reason::SPOOL_FULL,
+                lumen_history::metrics::reason::QUEUE_FULL,
+                lumen_history::metrics::reason::CLOSED,
+                lumen_history::metrics::reason::SPOOL_IO,
+                lumen_history::metrics::reason::SHUTDOWN,
+            ]
+            .into_iter()
+            .map(|r| (r.to_owned(), h.metrics.discarded_count(r)))
+            .collect();
+            dropped.insert("dead_letter".into(), h.metrics.dead_letter_rows.get());
+            dropped.insert(RELAY_QUEUE_FULL.into(), lost);
+            dropped.retain(|_, n| *n > 0);
+            let complete =
+                HistoryView::new(h.history.clone(), self.handed_ns.clone()).complete_until_ns();
+            out.push(LumenSinkStatus {
+                name: "history".into(),
+                target: h.target.clone(),
+                healthy: w.clickhouse_ok,
+                last_error: if w.clickhouse_ok {
+                    String::new()
+                } else {
+                    "inserts into ClickHouse are failing; batches spool to disk".into()
+                },
+                flows: handed,
+                written: h.metrics.rows_written.get(),
+                queued: w.spool_batches as u64,
+                queued_bytes: w.spool_bytes,
+                dropped,
+                complete_until: Some(crate::wire::ns_timestamp(complete)),
+            });
+        }
+        if let Some(o) = &self.otlp {
+            let s = o.status();
+            let mut dropped: HashMap<String, u64> = HashMap::new();
+            let mut healthy = true;
+            let mut last_error = String::new();
+            let mut signal = |e: &lumen_otlp::SignalStatus| {
+                healthy &= e.healthy;
+                if last_error.is_empty() {
+                    if let Some(err) = e.last_error.as_ref().filter(|_| !e.healthy) {
+                        last_error = err.clone();
+                    }
+                }
+            };
+            if let Some(m) = &s.metrics {
+                signal(&m.export);
+            }
+            let (mut written, mut queued) = (0, 0);
+            if let Some(l) = &s.logs {
+                signal(&l.export);
+                written = l.exported;
+                queued = l.queue_length;
+                for (reason, n) in [
+                    ("queue_full", l.discarded.queue_full),
+                    ("retries_exhausted", l.discarded.retries_exhausted),
+                    ("rejected", l.discarded.rejected),
+                    ("shutdown", l.discarded.shutdown),
+                ] {
+                    dropped.insert(reason.into(), n);
+                }
+            }
+            dropped.insert(RELAY_QUEUE_FULL.into(), lost);
+            dropped.retain(|_, n| *n > 0);
+            out.push(LumenSinkStatus {
+                name: "otlp".into(),
+                target: format!("{} {}", s.protocol.as_str(), s.endpoint),
+                healthy,
+                last_error,
+                flows: s.flows,
+                written,
+                queued,
+                queued_bytes: 0,
+                dropped,
+                complete_until: None,
+            });
+        }
+        out
+    }
 }
 
 impl Sinks {
@@ -59,18 +179,26 @@ impl Sinks {
         metrics: &Metrics,
         stop: watch::Receiver<bool>,
     ) -> Result<Sinks, SinkError> {
-        let history = match history {
+        let history_side = match history {
             Some(cfg) => {
                 let m = lumen_history::HistoryMetrics::default();
                 metrics.register_extra(|r| m.register(r));
-                let h = lumen_history::History::start(cfg, m)
+                let h = lumen_history::History::start(cfg, m.clone())
                     .await
                     .map_err(|e| SinkError::History(e.to_string()))?;
                 info!("history sink started");
-                Some(Arc::new(h))
+                Some(HistorySide {
+                    history: Arc::new(h),
+                    metrics: m,
+                    target: format!(
+                        "{} database {}",
+                        cfg.clickhouse.url, cfg.clickhouse.database
+                    ),
+                })
             }
             None => None,
         };
+        let history = history_side.as_ref().map(|h| h.history.clone());
         let otlp = match otlp {
             Some(cfg) => {
                 let e = lumen_otlp::OtlpExporter::start(cfg, relay_name)
@@ -83,15 +211,22 @@ impl Sinks {
         };
         // Flows newer than `since` (the relay's start) are the sinks': the follower asks
         // for them, so those received while the sinks started are covered too.
-        let handed_ns = Arc::new(AtomicI64::new(since));
+        let report = SinkReport {
+            history: history_side,
+            otlp: otlp.as_ref().map(|e| e.recorder()),
+            progress: Arc::new(Progress::default()),
+            handed_ns: Arc::new(AtomicI64::new(since)),
+        };
         let task = (history.is_some() || otlp.is_some()).then(|| {
             tokio::spawn(follow(
                 relay,
                 since,
                 Handover {
                     history: history.clone(),
-                    otlp: otlp.as_ref().map(|e| e.recorder()),
-                    handed_ns: handed_ns.clone(),
+                    otlp: report.otlp.clone(),
+                    handed_ns: report.handed_ns.clone(),
+                    progress: report.progress.clone(),
+                    relay_name: relay_name.to_owned(),
                 },
                 stop,
             ))
@@ -100,7 +235,7 @@ impl Sinks {
             history,
             otlp,
             task,
-            handed_ns,
+            report,
         })
     }
 
@@ -108,7 +243,12 @@ impl Sinks {
     pub fn history_view(&self) -> Option<HistoryView> {
         self.history
             .as_ref()
-            .map(|h| HistoryView::new(h.clone(), self.handed_ns.clone()))
+            .map(|h| HistoryView::new(h.clone(), self.report.handed_ns.clone()))
+    }
+
+    /// The sinks' state, for ServerStatus.
+    pub fn report(&self) -> SinkReport {
+        self.report.clone()
     }
 
     /// Flush and stop: what was handed over is inserted or spooled within `grace`.
@@ -183,6 +323,11 @@ async fn follow(relay: SocketAddr, since: i64, sinks: Handover, mut stop: watch:
                             }
                         }
                         Some(ResponseTypes::LostEvents(l)) => {
+                            if resp.node_name == sinks.relay_name {
+                                // The relay dropped these from this stream: the sinks
+                                // fell behind it.
+                                sinks.progress.lost.fetch_add(l.num_events_lost, Ordering::Relaxed);
+                            }
                             if let Some(o) = &sinks.otlp {
                                 o.record_lost_event(&l, &resp.node_name);
                             }
@@ -213,6 +358,8 @@ struct Handover {
     history: Option<Arc<lumen_history::History>>,
     otlp: Option<lumen_otlp::FlowRecorder>,
     handed_ns: Arc<AtomicI64>,
+    progress: Arc<Progress>,
+    relay_name: String,
 }
 
 impl Handover {
@@ -221,6 +368,9 @@ impl Handover {
             return;
         }
         let flows = std::mem::take(batch);
+        self.progress
+            .handed
+            .fetch_add(flows.len() as u64, Ordering::Relaxed);
         let newest = flows
             .iter()
             .filter_map(|f| f.time.as_ref())

@@ -368,6 +368,25 @@ fn every_relayed_flow_is_in_clickhouse_exactly_once() {
         "joined stream in time order"
     );
     // ... is in ClickHouse exactly once after the relay flushes on shutdown.
+    // `lumen status` shows both sinks, healthy, with what they took and lost.
+    wait_for("the sinks to take every served flow", || {
+        let out = Command::new(workspace_bin("lumen", "lumen"))
+            .args(["status", "--server", &handle.address.to_string()])
+            .output()
+            .expect("lumen status");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "lumen status: {text}");
+        assert!(text.contains("History (http://"), "{text}");
+        assert!(
+            text.contains("OTLP Export (grpc http://127.0.0.1:"),
+            "{text}"
+        );
+        assert!(!text.contains("Failing"), "{text}");
+        text.matches(&format!("  Flows: {}, ", served.len()))
+            .count()
+            == 2
+            && text.matches("  Dropped: 0\n").count() == 2
+    });
     rt.block_on(handle.shutdown());
     let rows = ch.number("SELECT count() FROM lumen_e2e.flows");
     let distinct = ch.number(
