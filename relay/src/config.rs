@@ -391,14 +391,6 @@ impl Config {
                 return invalid("otlp", e.to_string());
             }
         }
-        if (self.history.is_some() || self.otlp.is_some()) && self.server_tls.is_some() {
-            return invalid(
-                "history",
-                "history and OTLP sinks read the relay's own API over loopback without TLS; \
-                 they cannot be combined with server_tls yet"
-                    .to_owned(),
-            );
-        }
         if self.client_queue_flows < 16 {
             return invalid("client_queue_flows", "must be at least 16".to_owned());
         }

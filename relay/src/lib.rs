@@ -221,20 +221,12 @@ pub async fn start_with_resolver(
     }
 
     let sinks = if config.history.is_some() || config.otlp.is_some() {
-        let local = SocketAddr::new(
-            if address.ip().is_unspecified() {
-                std::net::Ipv4Addr::LOCALHOST.into()
-            } else {
-                address.ip()
-            },
-            address.port(),
-        );
         Some(
             sinks::Sinks::start(
                 config.history.as_ref(),
                 config.otlp.as_ref(),
                 &config.name,
-                local,
+                relay.clone(),
                 sinks_since,
                 &metrics,
                 stop_rx.clone(),

@@ -1,12 +1,12 @@
 //! The relay's sinks: flow history in ClickHouse (`lumen-history`) and OTLP export
 //! (`lumen-otlp`). Both are fed by one follower of the relay's own merged, cluster-wide
-//! stream (a loopback GetFlows client), so they see exactly what clients see, in time
-//! order. The follower reconnects on failure; flows a slow sink could not take are
-//! counted by the relay's client queue like any slow client's (LostEvent, metrics).
+//! stream (an in-process GetFlows client, so server TLS does not matter), so they see
+//! exactly what clients see, in time order. The follower resumes after an interruption;
+//! flows a slow sink could not take are counted by the relay's client queue like any slow
+//! client's (LostEvent, metrics) and in the sinks' status as `relay_queue_full`.
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
     sync::{
         atomic::{AtomicI64, AtomicU64, Ordering},
         Arc,
@@ -14,17 +14,15 @@ use std::{
     time::Duration,
 };
 
+use futures::StreamExt;
 use lumen_proto::{
     flow::Flow,
-    observer::{
-        get_flows_response::ResponseTypes, observer_client::ObserverClient, GetFlowsRequest,
-        LumenSinkStatus,
-    },
+    observer::{get_flows_response::ResponseTypes, GetFlowsRequest, LumenSinkStatus},
 };
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
-use crate::{history_join::HistoryView, metrics::Metrics};
+use crate::{history_join::HistoryView, metrics::Metrics, observer::Relay};
 
 /// Most flows handed to the sinks at once.
 const BATCH: usize = 4096;
@@ -37,8 +35,6 @@ pub enum SinkError {
     History(String),
     #[error("OTLP export: {0}")]
     Otlp(String),
-    #[error("sinks read the relay's own API over loopback, which server TLS would refuse; run sinks on a relay without server_tls")]
-    Tls,
 }
 
 /// Running sinks.
@@ -174,7 +170,7 @@ impl Sinks {
         history: Option<&lumen_history::HistoryConfig>,
         otlp: Option<&lumen_otlp::OtlpConfig>,
         relay_name: &str,
-        relay: SocketAddr,
+        relay: Arc<Relay>,
         since: i64,
         metrics: &Metrics,
         stop: watch::Receiver<bool>,
@@ -267,55 +263,33 @@ impl Sinks {
     }
 }
 
-async fn follow(relay: SocketAddr, since: i64, sinks: Handover, mut stop: watch::Receiver<bool>) {
-    let url = format!("http://{relay}");
-    // Start from the relay's start (flows the nodes saw while the sinks connected are not
-    // missed) and resume after a reconnect from the last flow handed over.
-    let mut resume_ns: Option<i64> = Some(since);
+async fn follow(relay: Arc<Relay>, since: i64, sinks: Handover, mut stop: watch::Receiver<bool>) {
+    // Start from the relay's start (flows the nodes saw while the sinks started are not
+    // missed) and resume after an interruption from the last flow handed over.
+    let mut resume_ns: i64 = since;
     loop {
         if *stop.borrow() {
             return;
         }
-        let mut client = match ObserverClient::connect(url.clone()).await {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(error = %e, "sinks: connecting to the relay API failed; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    _ = stop.changed() => return,
-                }
-            }
-        };
         let req = GetFlowsRequest {
             follow: true,
-            since: resume_ns.map(|ns| {
-                let ns = ns + 1;
-                prost_types::Timestamp {
-                    seconds: ns.div_euclid(1_000_000_000),
-                    nanos: ns.rem_euclid(1_000_000_000) as i32,
-                }
-            }),
+            since: Some(crate::wire::ns_timestamp(resume_ns.saturating_add(1))),
             ..Default::default()
         };
-        let mut stream = match client.get_flows(req).await {
-            Ok(r) => r.into_inner(),
-            Err(e) => {
-                warn!(error = %e, "sinks: GetFlows on the relay failed; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    _ = stop.changed() => return,
-                }
-            }
-        };
+        // In process: the same merged stream as a client gets (its queue, its losses).
+        let mut stream = relay.live(req);
         let mut batch: Vec<Flow> = Vec::with_capacity(BATCH);
         let mut tick = tokio::time::interval(FLUSH);
         loop {
             tokio::select! {
-                msg = stream.message() => match msg {
-                    Ok(Some(resp)) => match resp.response_types {
+                msg = stream.next() => match msg.map(|r| r.map(|raw| {
+                    let node = raw.node_name.clone();
+                    (raw.to_response(), node)
+                })) {
+                    Some(Ok((Ok(resp), node_name))) => match resp.response_types {
                         Some(ResponseTypes::Flow(f)) => {
                             if let Some(t) = &f.time {
-                                resume_ns = Some(t.seconds * 1_000_000_000 + i64::from(t.nanos));
+                                resume_ns = crate::wire::timestamp_ns(t);
                             }
                             batch.push(f);
                             if batch.len() >= BATCH {
@@ -323,18 +297,26 @@ async fn follow(relay: SocketAddr, since: i64, sinks: Handover, mut stop: watch:
                             }
                         }
                         Some(ResponseTypes::LostEvents(l)) => {
-                            if resp.node_name == sinks.relay_name {
+                            if *node_name == *sinks.relay_name {
                                 // The relay dropped these from this stream: the sinks
                                 // fell behind it.
                                 sinks.progress.lost.fetch_add(l.num_events_lost, Ordering::Relaxed);
                             }
                             if let Some(o) = &sinks.otlp {
-                                o.record_lost_event(&l, &resp.node_name);
+                                o.record_lost_event(&l, &node_name);
                             }
                         }
                         _ => {}
                     },
-                    Ok(None) | Err(_) => {
+                    Some(Ok((Err(e), _))) => {
+                        warn!(error = %e, "sinks: an undecodable flow in the relay's stream; skipped");
+                    }
+                    Some(Err(status)) => {
+                        warn!(error = %status, "sinks: the relay refused the follower; retrying");
+                        sinks.hand_over(&mut batch).await;
+                        break;
+                    }
+                    None => {
                         sinks.hand_over(&mut batch).await;
                         break;
                     }

@@ -14,7 +14,9 @@ use std::{
 use common::*;
 use futures::future::BoxFuture;
 use lumen_proto::{
-    observer::{observer_client::ObserverClient, GetFlowsRequest, GetNodesRequest},
+    observer::{
+        observer_client::ObserverClient, GetFlowsRequest, GetNodesRequest, ServerStatusRequest,
+    },
     relay::NodeState,
 };
 use lumen_relay::{
@@ -308,6 +310,12 @@ async fn mutual_tls_between_clients_relay_and_nodes() {
         key_file: pki.path("relay.lumen.test-key.pem"),
         client_ca_file: Some(pki.path("ca.pem")),
     });
+    // Sinks follow the relay in process, so server TLS does not keep them out (the
+    // collector is unreachable here; what counts is that the sink gets the flows).
+    config.otlp = Some(
+        serde_yaml::from_str("endpoint: http://127.0.0.1:9\nlogs:\n  enabled: true\n")
+            .expect("otlp config"),
+    );
     assert!(exists(&pki.path("ca.pem")));
     let relay = start_relay(config).await;
     wait_connected(&relay, 2).await;
@@ -329,6 +337,32 @@ async fn mutual_tls_between_clients_relay_and_nodes() {
         Ok(mut c) => c.get_nodes(GetNodesRequest {}).await.is_err(),
     };
     assert!(refused, "a client without a certificate must be refused");
+
+    for n in &nodes {
+        n.push_times([now_ns()]);
+    }
+    let mut sink_flows = 0;
+    for _ in 0..100 {
+        let status = c
+            .server_status(ServerStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let otlp = status
+            .sinks
+            .iter()
+            .find(|s| s.name == "otlp")
+            .expect("otlp sink");
+        sink_flows = otlp.flows;
+        if sink_flows == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        sink_flows, 2,
+        "the OTLP sink of a TLS relay got the new flows"
+    );
     relay.shutdown().await;
 
     // A relay without a client certificate cannot use the nodes, and says why.
