@@ -142,6 +142,12 @@ pub struct HistoryConfig {
     /// How long to wait for the migration lock before breaking it.
     #[serde(with = "humantime_serde")]
     pub migration_lock_timeout: Duration,
+    /// How far back a starting relay looks for the newest flow history already has, to
+    /// resume after it: flows the nodes still hold from while the relay was away (a
+    /// restart, a crash) are then stored too. 0 disables resuming (history starts with
+    /// the relay's start).
+    #[serde(with = "humantime_serde")]
+    pub resume_window: Duration,
 }
 
 impl Default for HistoryConfig {
@@ -160,6 +166,8 @@ impl Default for HistoryConfig {
             // Longer than the datapath's update interval for long-lived flows.
             connection_idle: Duration::from_secs(15 * 60),
             max_tracked_connections: 1_000_000,
+            // Node rings hold minutes to hours of flows; older gaps cannot be filled.
+            resume_window: Duration::from_secs(3600),
             // Migrations are a handful of DDL statements; a lock older than this is stale.
             migration_lock_timeout: Duration::from_secs(60),
         }

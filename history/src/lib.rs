@@ -134,6 +134,23 @@ impl History {
         &self.reader
     }
 
+    /// Time (ns) of the newest flow history already has — in ClickHouse or in the spool
+    /// from an earlier run — looking back to `since_ns`. A relay restarting resumes after
+    /// it, so flows its nodes still hold from while it was away are not missing from
+    /// history, and none is stored twice. `None` when nothing that recent is stored or
+    /// ClickHouse cannot be asked (then only the spool counts).
+    pub async fn newest_taken_ns(&self, since_ns: i64) -> Option<i64> {
+        let stored = match self.reader.newest_ns(since_ns).await {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(error = %e, "cannot ask ClickHouse for the newest stored flow");
+                None
+            }
+        };
+        let spooled = self.writer.spooled_max_time_ns().filter(|t| *t >= since_ns);
+        stored.max(spooled)
+    }
+
     /// Stops the writer (see [`HistoryWriter::shutdown`]) and the retention task.
     pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
         if let Some(r) = &self.retention {

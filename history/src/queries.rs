@@ -102,6 +102,20 @@ pub fn batch_rows(flavor: Flavor, db: &str, min_ns: i64, max_ns: i64, batch_id: 
     .bind(BindValue::U64(batch_id))
 }
 
+/// Time (Int64 ns) of the newest flow in `flows` at or after a lower bound, 0 when there
+/// is none; the bound keeps the scan to recent partitions. Binds: since_ns, twice (whole
+/// seconds on `time` for the index, then exact nanoseconds).
+pub fn newest_flow(flavor: Flavor, db: &str, since_ns: i64) -> SqlQuery {
+    SqlQuery::new(format!(
+        "SELECT toInt64(max({t})) FROM {db}.{f} WHERE time >= {p} AND {t} >= ?",
+        t = time_ns_expr(flavor),
+        f = tables::FLOWS,
+        p = time_param(flavor)
+    ))
+    .bind(BindValue::I64(since_ns))
+    .bind(BindValue::I64(since_ns))
+}
+
 /// Identity of the rows of one batch in `flows` (to re-send only missing rows after a
 /// partial insert). Binds as [`batch_rows`].
 pub fn batch_row_keys(

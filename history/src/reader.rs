@@ -616,6 +616,16 @@ impl HistoryReader {
         rx
     }
 
+    /// Time (ns) of the newest stored flow at or after `since_ns`, if any.
+    pub async fn newest_ns(&self, since_ns: i64) -> Result<Option<i64>, HistoryError> {
+        let n: i64 = crate::queries::newest_flow(self.layout.flavor, &self.database, since_ns)
+            .to_query(&self.client)
+            .fetch_one()
+            .await
+            .map_err(HistoryError::ch("finding the newest stored flow"))?;
+        Ok((n > 0).then_some(n))
+    }
+
     /// Collects [`HistoryReader::stream`].
     pub async fn flows(
         &self,

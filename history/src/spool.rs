@@ -62,7 +62,8 @@ pub enum SegmentError {
 #[derive(Debug, Clone, Copy)]
 struct SegmentInfo {
     bytes: u64,
-    min_time_ns: Option<i64>,
+    /// Flow time range of the segment (from its header), when readable.
+    times: Option<(i64, i64)>,
 }
 
 #[derive(Debug, Default)]
@@ -201,7 +202,7 @@ impl Spool {
                     seq,
                     SegmentInfo {
                         bytes,
-                        min_time_ns: read_min_time(&entry.path()),
+                        times: read_times(&entry.path()),
                     },
                 );
                 state.bytes += bytes;
@@ -265,8 +266,17 @@ impl Spool {
         self.lock()
             .segments
             .values()
-            .filter_map(|s| s.min_time_ns)
+            .filter_map(|s| s.times.map(|t| t.0))
             .min()
+    }
+
+    /// Newest flow time among pending segments whose header could be read.
+    pub fn max_time_ns(&self) -> Option<i64> {
+        self.lock()
+            .segments
+            .values()
+            .filter_map(|s| s.times.map(|t| t.1))
+            .max()
     }
 
     /// Whether a segment of `len` payload bytes fits now.
@@ -298,7 +308,7 @@ impl Spool {
                     seq,
                     SegmentInfo {
                         bytes: data.len() as u64,
-                        min_time_ns: Some(batch.min_time_ns),
+                        times: Some((batch.min_time_ns, batch.max_time_ns)),
                     },
                 );
                 Ok(Some(seq))
@@ -406,12 +416,14 @@ impl Spool {
                 s
             };
             self.write_segment(new, &data)?;
-            let min_time_ns = decode_segment(&data).ok().map(|b| b.min_time_ns);
+            let times = decode_segment(&data)
+                .ok()
+                .map(|b| (b.min_time_ns, b.max_time_ns));
             self.lock().segments.insert(
                 new,
                 SegmentInfo {
                     bytes: data.len() as u64,
-                    min_time_ns,
+                    times,
                 },
             );
             fs::remove_file(dead.join(seg_name(*old)))?;
@@ -421,11 +433,16 @@ impl Spool {
     }
 }
 
-fn read_min_time(path: &Path) -> Option<i64> {
+/// The flow time range in a segment's header (`None` if the header fails its check).
+fn read_times(path: &Path) -> Option<(i64, i64)> {
     let mut h = [0u8; HEADER_LEN];
     File::open(path).ok()?.read_exact(&mut h).ok()?;
-    (crc32fast::hash(&h[..60]) == u32::from_le_bytes(le(&h, 60)))
-        .then(|| i64::from_le_bytes(le(&h, 32)))
+    (crc32fast::hash(&h[..60]) == u32::from_le_bytes(le(&h, 60))).then(|| {
+        (
+            i64::from_le_bytes(le(&h, 32)),
+            i64::from_le_bytes(le(&h, 40)),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -481,6 +498,7 @@ mod tests {
             .collect();
         assert_eq!(ids, vec![2, 3]);
         assert_eq!(spool.min_time_ns(), Some(10));
+        assert_eq!(spool.max_time_ns(), Some(20));
         let next = spool
             .try_append(&batch(4, b"x"))
             .expect("io")

@@ -316,6 +316,11 @@ impl HistoryWriter {
         }
     }
 
+    /// Newest flow time (ns) in the spool: taken, not yet in ClickHouse.
+    pub fn spooled_max_time_ns(&self) -> Option<i64> {
+        self.shared.spool.max_time_ns()
+    }
+
     /// Moves dead-lettered batches back into the queue (after fixing the schema).
     pub async fn requeue_dead_letters(&self) -> Result<usize, HistoryError> {
         let n = self

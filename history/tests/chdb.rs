@@ -220,6 +220,14 @@ fn modern_ddl_and_every_shipped_query_run_on_chdb() {
             )),
         ),
         q(
+            "newest_flow",
+            queries::newest_flow(Flavor::Modern, DB, start).render(),
+        ),
+        q(
+            "newest_flow_none",
+            queries::newest_flow(Flavor::Modern, DB, start + 1_000 * MIN_NS).render(),
+        ),
+        q(
             "expired_partitions",
             queries::expired_partitions(DB, tables::FLOWS, 7).render(),
         ),
@@ -326,6 +334,17 @@ fn modern_ddl_and_every_shipped_query_run_on_chdb() {
         "landed check sees the batch"
     );
     assert_eq!(num(&get("batch_row_keys")[0][0]), n as u64);
+    let newest = generated
+        .iter()
+        .map(lumen_history::row::flow_time_ns)
+        .max()
+        .expect("flows");
+    assert_eq!(
+        num(&get("newest_flow")[0][0]),
+        newest as u64,
+        "newest stored flow"
+    );
+    assert_eq!(num(&get("newest_flow_none")[0][0]), 0, "none that recent");
     assert_eq!(num(&get("table_exists")[0][0]), 1);
     assert_eq!(num(&get("column_exists")[0][0]), 1);
     assert_eq!(get("applied_migrations").as_array().map(Vec::len), Some(2));

@@ -115,6 +115,14 @@ async fn writes_every_flow_once_rollups_agree_and_reader_filters_like_get_flows(
     assert_eq!(m.rows_written.get(), n as u64);
     assert!(m.batches_written.get() >= 1);
     assert_rollups_agree(&ch, "lumen");
+    // Where a restarting relay resumes: the newest stored flow, to the nanosecond.
+    let newest = generated
+        .iter()
+        .map(lumen_history::row::flow_time_ns)
+        .max()
+        .expect("flows");
+    assert_eq!(h.newest_taken_ns(start).await, Some(newest));
+    assert_eq!(h.newest_taken_ns(newest + 1).await, None);
 
     // Rollup totals against the generator's own numbers.
     let drops = generated

@@ -175,6 +175,7 @@ impl Sinks {
         metrics: &Metrics,
         stop: watch::Receiver<bool>,
     ) -> Result<Sinks, SinkError> {
+        let history_cfg = history;
         let history_side = match history {
             Some(cfg) => {
                 let m = lumen_history::HistoryMetrics::default();
@@ -195,6 +196,23 @@ impl Sinks {
             None => None,
         };
         let history = history_side.as_ref().map(|h| h.history.clone());
+        // Resume after the newest flow history already has (a restart or crash of this
+        // relay), within the configured window; otherwise start at the relay's start.
+        let mut since = since;
+        if let (Some(h), Some(cfg)) = (&history, history_cfg) {
+            let window = i64::try_from(cfg.resume_window.as_nanos()).unwrap_or(i64::MAX);
+            if window > 0 {
+                if let Some(t) = h.newest_taken_ns(since.saturating_sub(window)).await {
+                    if t < since {
+                        info!(
+                            resume_after_ns = t,
+                            "history resumes after its newest stored flow"
+                        );
+                        since = t;
+                    }
+                }
+            }
+        }
         let otlp = match otlp {
             Some(cfg) => {
                 let e = lumen_otlp::OtlpExporter::start(cfg, relay_name)

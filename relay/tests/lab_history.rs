@@ -195,29 +195,8 @@ fn every_relayed_flow_is_in_clickhouse_exactly_once() {
     let client = lab.add_pod("client").expect("pod");
     let server = lab.add_pod("server").expect("pod");
     let http = server.http_server(8080).expect("http");
-    let node_addr = format!("127.0.0.1:{}", free_port());
-    let mut exporter = Command::new(workspace_bin("lumen-node-exporter", "lumen-node-exporter"))
-        .args([
-            "--node-name",
-            "hist-node",
-            "--listen-address",
-            &node_addr,
-            "--metrics-address",
-            "",
-            "--interface",
-            &format!("lmh{}*", lab.id()),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("exporter");
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(&node_addr).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(700));
+    let node = NodeExporter::start(&lab);
+    let node_addr = node.address.clone();
 
     let receiver = Receiver::start();
     let mut otlp: lumen_otlp::OtlpConfig = serde_yaml::from_str(&format!(
@@ -449,8 +428,191 @@ fn every_relayed_flow_is_in_clickhouse_exactly_once() {
         .sum();
     assert_eq!(total, rows, "lumen.flows total = flows stored");
     assert_eq!(total_forwarded, forwarded, "lumen.flows FORWARDED");
-    let _ = Command::new("kill")
-        .args(["-TERM", &exporter.id().to_string()])
-        .status();
-    let _ = exporter.wait();
+}
+
+/// A real node exporter on the lab's host-side interfaces (SIGTERM on drop).
+struct NodeExporter {
+    child: std::process::Child,
+    address: String,
+}
+
+impl NodeExporter {
+    fn start(lab: &Lab) -> NodeExporter {
+        let address = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(workspace_bin("lumen-node-exporter", "lumen-node-exporter"))
+            .args([
+                "--node-name",
+                "hist-node",
+                "--listen-address",
+                &address,
+                "--metrics-address",
+                "",
+                "--interface",
+                &format!("lmh{}*", lab.id()),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("exporter");
+        wait_for("the node exporter to listen", || {
+            std::net::TcpStream::connect(&address).is_ok()
+        });
+        // Attached once its interfaces are found.
+        std::thread::sleep(Duration::from_millis(700));
+        NodeExporter { child, address }
+    }
+}
+
+impl Drop for NodeExporter {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `lumen-relay` process with a config file (so it can be killed and restarted).
+struct RelayProcess {
+    child: std::process::Child,
+    address: String,
+}
+
+impl RelayProcess {
+    fn start(config: &std::path::Path, address: &str) -> RelayProcess {
+        let child = Command::new(env!("CARGO_BIN_EXE_lumen-relay"))
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("lumen-relay");
+        wait_for("the relay to listen", || {
+            std::net::TcpStream::connect(address).is_ok()
+        });
+        RelayProcess {
+            child,
+            address: address.to_owned(),
+        }
+    }
+
+    fn signal(&mut self, signal: &str) {
+        let _ = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_relay_killed_and_restarted_leaves_no_gap_in_history() {
+    if !lumen_lab::require_privileges("a_relay_killed_and_restarted_leaves_no_gap_in_history") {
+        return;
+    }
+    let ch = history_common::ClickHouse::start();
+    let spool = tempfile::tempdir().unwrap();
+    let mut lab = Lab::new("relay-resume").expect("lab");
+    let client = lab.add_pod("client").expect("pod");
+    let server = lab.add_pod("server").expect("pod");
+    let http = server.http_server(8080).expect("http");
+    let node = NodeExporter::start(&lab);
+    let traffic = |gets: usize| {
+        for _ in 0..gets {
+            client
+                .http_get(IpAddr::V4(server.ipv4), 8080, "/")
+                .expect("http");
+        }
+        client
+            .udp_send(IpAddr::V4(server.ipv4), 5353, b"x")
+            .expect("udp");
+    };
+
+    let address = format!("127.0.0.1:{}", free_port());
+    let history = history_common::config(&ch, "lumen_resume", spool.path());
+    let config = serde_yaml::to_string(&serde_yaml::Value::Mapping(
+        [
+            ("listen_address", serde_yaml::Value::from(address.clone())),
+            ("metrics_address", serde_yaml::Value::Null),
+            (
+                "nodes",
+                serde_yaml::Value::from(vec![format!("hist-node={}", node.address)]),
+            ),
+            ("history", serde_yaml::to_value(&history).unwrap()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (serde_yaml::Value::from(k), v))
+        .collect(),
+    ))
+    .unwrap();
+    let config_file = spool.path().join("relay.yaml");
+    std::fs::write(&config_file, config).unwrap();
+
+    let first_start = lumen_relay::wire::now_ns();
+    let mut relay = RelayProcess::start(&config_file, &address);
+    std::thread::sleep(Duration::from_millis(800));
+    traffic(3);
+    wait_for("history to have flows", || {
+        ch.number("SELECT count() FROM lumen_resume.flows") > 0
+    });
+    traffic(2);
+    // Killed with flows in memory; traffic goes on while it is away.
+    relay.signal("-KILL");
+    traffic(3);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut relay = RelayProcess::start(&config_file, &relay.address);
+    std::thread::sleep(Duration::from_millis(800));
+    traffic(2);
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(http);
+    lab.remove_pod("client").expect("remove");
+    lab.remove_pod("server").expect("remove");
+    std::thread::sleep(Duration::from_millis(1500));
+    // Graceful stop: the relay flushes what it took.
+    relay.signal("-TERM");
+
+    // Everything the node saw since history's first flow is in history exactly once:
+    // before the kill, while the relay was away, and after.
+    let first_stored = ch.number(
+        "SELECT toInt64(min(toInt64(toUInt32(time)) * 1000000000 + time_ns)) FROM lumen_resume.flows",
+    ) as i64;
+    assert!(first_stored >= first_start, "history starts with the relay");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let expected = rt.block_on(served_since(
+        &format!("http://{}", node.address),
+        first_stored,
+    ));
+    let rows = ch.number("SELECT count() FROM lumen_resume.flows");
+    let distinct = ch.number(
+        "SELECT count() FROM (SELECT DISTINCT node, flow_id, time, time_ns FROM lumen_resume.flows)",
+    );
+    assert_eq!(rows, distinct, "no flow stored twice");
+    let stored: HashSet<(u64, i64)> = ch
+        .client(
+            "SELECT flow_id, toUInt32(time), time_ns FROM lumen_resume.flows FORMAT TabSeparated",
+        )
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split('\t');
+            let id: u64 = it.next()?.parse().ok()?;
+            let secs: i64 = it.next()?.parse().ok()?;
+            let ns: i64 = it.next()?.parse().ok()?;
+            Some((id, secs * 1_000_000_000 + ns))
+        })
+        .collect();
+    let missing: Vec<_> = expected.difference(&stored).take(3).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} flows missing in history after the relay restarted, e.g. {missing:?}",
+        expected.difference(&stored).count(),
+        expected.len()
+    );
+    assert_eq!(rows as usize, expected.len(), "nothing else stored");
+    history_common::assert_rollups_agree(&ch, "lumen_resume");
 }
