@@ -14,8 +14,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lumen_datapath_common::{
-    map_names, program_names, Counter, DatapathConfig, EndpointValue, IpcacheValue, PolicyKey,
-    PolicyValue, ALL_COUNTERS,
+    map_names, program_names, Counter, CpuState, DatapathConfig, EndpointValue, IpcacheValue,
+    PolicyKey, PolicyValue, ALL_COUNTERS,
 };
 
 use crate::policy::DesiredMaps;
@@ -61,6 +61,7 @@ pub enum DatapathError {
 #[derive(Debug, Clone, Copy)]
 pub struct LoadOptions {
     pub ring_bytes: u32,
+    /// Size of each conntrack LRU (one for IPv4, one for IPv6).
     pub conntrack_entries: u32,
 }
 
@@ -108,6 +109,7 @@ impl Datapath {
         let ebpf = EbpfLoader::new()
             .map_max_entries(map_names::EVENTS, opts.ring_bytes)
             .map_max_entries(map_names::CONNTRACK, opts.conntrack_entries)
+            .map_max_entries(map_names::CONNTRACK4, opts.conntrack_entries)
             .load(DATAPATH_OBJECT)
             .map_err(|source| DatapathError::Load { source })?;
         let mut dp = Self {
@@ -428,21 +430,21 @@ impl Datapath {
             .ebpf
             .map(map_names::COUNTERS)
             .ok_or_else(|| missing(map_names::COUNTERS))?;
-        let arr: PerCpuArray<&MapData, u64> =
+        let arr: PerCpuArray<&MapData, CpuState> =
             PerCpuArray::try_from(map).map_err(|source| DatapathError::Map {
                 name: map_names::COUNTERS,
                 source,
             })?;
+        // One entry per CPU holding all of that CPU's counters.
+        let per_cpu = arr.get(&0, 0).map_err(|source| DatapathError::Map {
+            name: map_names::COUNTERS,
+            source,
+        })?;
         let mut c = DatapathCounters::default();
         for counter in ALL_COUNTERS {
-            let values = arr
-                .get(&(counter as u32), 0)
-                .map_err(|source| DatapathError::Map {
-                    name: map_names::COUNTERS,
-                    source,
-                })?;
-            let total: u64 = values.iter().copied().sum();
-            let max: u64 = values.iter().copied().max().unwrap_or(0);
+            let values = per_cpu.iter().map(|cpu| cpu.counters[counter as usize]);
+            let total: u64 = values.clone().sum();
+            let max: u64 = values.max().unwrap_or(0);
             match counter {
                 Counter::PacketsSeen => c.packets_seen = total,
                 Counter::BytesSeen => c.bytes_seen = total,

@@ -14,7 +14,11 @@ pub const ABI_VERSION: u16 = 1;
 /// Map names, as the eBPF object declares them and user space looks them up.
 pub mod map_names {
     pub const EVENTS: &str = "EVENTS";
+    /// IPv6 conntrack ([`crate::ConntrackKey6`]).
     pub const CONNTRACK: &str = "CONNTRACK";
+    /// IPv4 conntrack ([`crate::ConntrackKey4`]): a 20-byte key hashes and compares
+    /// faster than the 44-byte IPv6 one, on every packet.
+    pub const CONNTRACK4: &str = "CONNTRACK4";
     pub const COUNTERS: &str = "COUNTERS";
     pub const CONFIG: &str = "CONFIG";
     pub const ENDPOINTS: &str = "ENDPOINTS";
@@ -36,7 +40,7 @@ pub mod program_names {
 
 /// Default ring buffer size in bytes (power of two, multiple of the page size).
 pub const DEFAULT_RING_BYTES: u32 = 8 * 1024 * 1024;
-/// Default maximum number of conntrack entries (LRU).
+/// Default maximum number of conntrack entries (LRU), per address family.
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 /// Maximum number of endpoints (interfaces) on one node.
 pub const MAX_ENDPOINTS: u32 = 16_384;
@@ -172,12 +176,65 @@ pub struct FlowKey {
 }
 const _: () = assert!(size_of::<FlowKey>() == 44);
 
-/// Conntrack state of one connection (value of the LRU hash `CONNTRACK`).
+/// Key of the IPv4 conntrack map `CONNTRACK4`. A connection has one key for both
+/// directions: of its two (address, port) ends, the one that sorts lower
+/// ([`conntrack_low_first`]) is `lo_*`; [`ConntrackEntry::originator_low`] says which end
+/// opened it. One lookup finds a reply's connection, and no packet needs a second lookup.
+/// Each endpoint keeps its own view (keyed by `ifindex`), as Cilium's per-endpoint conntrack.
+/// Addresses are the network-order bytes in memory order (`u32::from_ne_bytes`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConntrackKey4 {
+    pub lo_addr: u32,
+    pub hi_addr: u32,
+    /// Ports as in [`FlowKey`] (ICMP: echo identifier, or type << 8 | code and 0).
+    pub lo_port: u16,
+    pub hi_port: u16,
+    /// Host-side interface of the endpoint that observed the connection.
+    pub ifindex: u32,
+    /// IP protocol number, in a whole word: no padding bytes for the datapath to clear
+    /// on every packet.
+    pub proto: u32,
+}
+const _: () = assert!(size_of::<ConntrackKey4>() == 20);
+
+/// Key of the IPv6 conntrack map `CONNTRACK`, ordered as [`ConntrackKey4`]; addresses as
+/// four words of network-order bytes in memory order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConntrackKey6 {
+    pub lo_addr: [u32; 4],
+    pub hi_addr: [u32; 4],
+    pub lo_port: u16,
+    pub hi_port: u16,
+    pub ifindex: u32,
+    pub proto: u32,
+}
+const _: () = assert!(size_of::<ConntrackKey6>() == 44);
+
+/// Whether the end (`a_addr`, `a_port`) is a conntrack key's low end against
+/// (`b_addr`, `b_port`): addresses compared word by word as unsigned integers, then ports.
+/// On a tie (a connection with itself) `a` is low, so such a flow has no reply direction.
+#[inline(always)]
+pub fn conntrack_low_first(a_addr: &[u32; 4], a_port: u16, b_addr: &[u32; 4], b_port: u16) -> bool {
+    let mut i = 0;
+    while i < 4 {
+        if a_addr[i] != b_addr[i] {
+            return a_addr[i] < b_addr[i];
+        }
+        i += 1;
+    }
+    a_port <= b_port
+}
+
+/// Conntrack state of one connection (value of the LRU hashes `CONNTRACK4` and `CONNTRACK`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConntrackEntry {
     /// CLOCK_MONOTONIC ns (bpf_ktime_get_ns) of the first packet.
     pub first_seen_ns: u64,
+    /// Time of the last packet to clock-tick precision (the established-flow path reads
+    /// a per-CPU clock refreshed once per jiffy; exact when the packet emitted an event).
     pub last_seen_ns: u64,
     /// When an event for this entry was last emitted (aggregation clock).
     pub last_report_ns: u64,
@@ -208,8 +265,12 @@ pub struct ConntrackEntry {
     pub policy_generation: u32,
     /// Identity of the peer of the connection (from the ipcache), cached with the verdict.
     pub peer_identity: u32,
+    /// Non-zero when the originator is the key's low end (`lo_addr`, `lo_port`): packets
+    /// from the other end are replies.
+    pub originator_low: u8,
+    pub _pad: [u8; 7],
 }
-const _: () = assert!(size_of::<ConntrackEntry>() == 104);
+const _: () = assert!(size_of::<ConntrackEntry>() == 112);
 
 /// A flow record in the ring buffer.
 #[repr(C)]
@@ -262,7 +323,7 @@ pub mod hook {
     pub const TC_EGRESS: u8 = 2;
 }
 
-/// Indexes into the per-CPU `COUNTERS` array.
+/// Indexes into [`CpuState::counters`] (the per-CPU `COUNTERS` array).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
@@ -297,8 +358,22 @@ pub enum Counter {
     PolicyLookups = 13,
 }
 
-/// Number of slots in `COUNTERS`.
+/// Number of counter slots in [`CpuState::counters`].
 pub const COUNTER_SLOTS: u32 = 16;
+
+/// The one entry of the per-CPU array `COUNTERS`: this CPU's counters, indexed by
+/// [`Counter`], and its clock cache. One map lookup per packet serves the packet and byte
+/// counters and the established-flow path's clock.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuState {
+    pub counters: [u64; COUNTER_SLOTS as usize],
+    /// Jiffies (bpf_jiffies64) when `clock_ns` was read; internal to the datapath.
+    pub clock_jiffies: u64,
+    /// bpf_ktime_get_ns at the first packet of jiffy `clock_jiffies` on this CPU.
+    pub clock_ns: u64,
+}
+const _: () = assert!(size_of::<CpuState>() == 144);
 
 /// Every counter, in slot order, for user space to iterate.
 pub const ALL_COUNTERS: [Counter; 14] = [
@@ -439,11 +514,61 @@ mod user {
     // SAFETY: all types are repr(C), made of integers and byte arrays with explicit
     // padding, so every bit pattern is valid and there are no implicit padding bytes.
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::ConntrackKey4 {}
+    unsafe impl aya::Pod for super::ConntrackKey6 {}
     unsafe impl aya::Pod for super::ConntrackEntry {}
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::DatapathConfig {}
+    unsafe impl aya::Pod for super::CpuState {}
     unsafe impl aya::Pod for super::EndpointValue {}
     unsafe impl aya::Pod for super::PolicyValue {}
     unsafe impl aya::Pod for super::PolicyKey {}
     unsafe impl aya::Pod for super::IpcacheValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4(a: [u8; 4]) -> [u32; 4] {
+        [
+            0,
+            0,
+            u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+            u32::from_ne_bytes(a),
+        ]
+    }
+
+    /// Both directions of a connection must agree on which end is low, or a reply would
+    /// miss its connection's entry.
+    #[test]
+    fn conntrack_ends_are_ordered_the_same_from_both_sides() {
+        let ends = [
+            (v4([10, 0, 0, 1]), 40000u16),
+            (v4([10, 0, 0, 2]), 80),
+            (v4([10, 0, 0, 2]), 40000),
+            (v4([192, 168, 1, 1]), 0),
+            ([0xfd00, 0, 0, 1], 443),
+            ([0xfd00, 0, 0, 2], 443),
+            ([0xfd00, 0, 1, 0], 1),
+        ];
+        for (a, pa) in ends {
+            for (b, pb) in ends {
+                let ab = conntrack_low_first(&a, pa, &b, pb);
+                let ba = conntrack_low_first(&b, pb, &a, pa);
+                if (a, pa) == (b, pb) {
+                    assert!(ab && ba, "an end against itself is low");
+                } else {
+                    assert_ne!(ab, ba, "exactly one of {a:?}:{pa} and {b:?}:{pb} is low");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn same_address_orders_by_port() {
+        let a = v4([10, 0, 0, 1]);
+        assert!(conntrack_low_first(&a, 1000, &a, 2000));
+        assert!(!conntrack_low_first(&a, 2000, &a, 1000));
+    }
 }

@@ -15,20 +15,20 @@ use core::intrinsics::{atomic_or, atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_jiffies64, bpf_ktime_get_ns},
     macros::{classifier, map},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::TcContext,
 };
 use lumen_datapath_common::{
-    direction, flow_flags, hook, tcp_flags, verdict, ConntrackEntry, Counter, DatapathConfig,
-    EndpointValue, EventHeader, EventKind, FlowEvent, FlowKey, FlowReason, IpcacheValue, PolicyKey,
-    PolicyValue, ABI_VERSION, AGGREGATION_NONE, COUNTER_SLOTS, DEFAULT_CONNTRACK_ENTRIES,
-    DEFAULT_IPCACHE_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_RING_BYTES, MAX_ENDPOINTS,
-    POLICY_PREFIX_FULL,
+    conntrack_low_first, direction, family, flow_flags, hook, tcp_flags, verdict, ConntrackEntry,
+    ConntrackKey4, ConntrackKey6, Counter, CpuState, DatapathConfig, EndpointValue, EventHeader,
+    EventKind, FlowEvent, FlowKey, FlowReason, IpcacheValue, PolicyKey, PolicyValue, ABI_VERSION,
+    AGGREGATION_NONE, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_IPCACHE_ENTRIES, DEFAULT_POLICY_ENTRIES,
+    DEFAULT_RING_BYTES, MAX_ENDPOINTS, POLICY_PREFIX_FULL,
 };
 
-use crate::parse::parse_packet;
+use crate::parse::{parse_packet, Packet};
 
 /// `bpf_ringbuf_query` flag: bytes not yet consumed.
 const BPF_RB_AVAIL_DATA: u64 = 0;
@@ -36,12 +36,18 @@ const BPF_RB_AVAIL_DATA: u64 = 0;
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 
+/// IPv4 connections (20-byte key).
+#[map(name = "CONNTRACK4")]
+static CONNTRACK4: LruHashMap<ConntrackKey4, ConntrackEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+
+/// IPv6 connections.
 #[map(name = "CONNTRACK")]
-static CONNTRACK: LruHashMap<FlowKey, ConntrackEntry> =
+static CONNTRACK: LruHashMap<ConntrackKey6, ConntrackEntry> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
 
 #[map(name = "COUNTERS")]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+static COUNTERS: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "CONFIG")]
 static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
@@ -85,9 +91,16 @@ pub fn lumen_empty(_ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn observe(ctx: &TcContext, hook: u8) -> i32 {
-    count(Counter::PacketsSeen, 1);
-    count(Counter::BytesSeen, u64::from(ctx.len()));
-    match try_observe(ctx, hook) {
+    let Some(cpu) = COUNTERS.get_ptr_mut(0) else {
+        // Cannot happen (index 0 of a one-entry array); nothing to count into.
+        return TC_ACT_UNSPEC;
+    };
+    // SAFETY: this CPU's entry, exclusively ours for the program run (TC programs do not
+    // nest on a CPU).
+    let cpu = unsafe { &mut *cpu };
+    cpu.counters[Counter::PacketsSeen as usize] += 1;
+    cpu.counters[Counter::BytesSeen as usize] += u64::from(ctx.len());
+    match try_observe(ctx, hook, cpu) {
         Ok(action) => action,
         Err(counter) => {
             count(counter, 1);
@@ -96,11 +109,13 @@ fn observe(ctx: &TcContext, hook: u8) -> i32 {
     }
 }
 
+/// Add `n` to this CPU's `counter` (off the established-flow path: it looks the
+/// per-CPU entry up again rather than carry it everywhere).
 #[inline(always)]
 fn count(counter: Counter, n: u64) {
-    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
-        // SAFETY: per-CPU slot of this CPU, valid for the program's run.
-        unsafe { *slot += n };
+    if let Some(cpu) = COUNTERS.get_ptr_mut(0) {
+        // SAFETY: this CPU's entry, valid for the program's run.
+        unsafe { (*cpu).counters[counter as usize] += n };
     }
 }
 
@@ -177,14 +192,129 @@ fn verdict_of(v: &PolicyValue) -> (u8, u8) {
     }
 }
 
+/// A packet's time. The established-flow path only needs time to decide whether a
+/// periodic update or a drop report is due (intervals of seconds), so it reads the per-CPU
+/// clock cache (`approx`, at most one jiffy old); `bpf_ktime_get_ns` (a helper call that
+/// costs about as much as the rest of that path) runs only when an exact time is stored:
+/// new entries, SYN/SYN-ACK times, and emitted events.
+struct Now {
+    approx: u64,
+    exact: u64,
+}
+
+impl Now {
+    #[inline(always)]
+    fn read(cpu: &mut CpuState) -> Self {
+        // bpf_jiffies64 is inlined by the verifier on 64-bit JITs: a load, no call.
+        let jiffies = unsafe { bpf_jiffies64() };
+        if cpu.clock_jiffies != jiffies {
+            let ns = unsafe { bpf_ktime_get_ns() };
+            cpu.clock_jiffies = jiffies;
+            cpu.clock_ns = ns;
+            return Self {
+                approx: ns,
+                exact: ns,
+            };
+        }
+        Self {
+            approx: cpu.clock_ns,
+            exact: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn exact(&mut self) -> u64 {
+        if self.exact == 0 {
+            self.exact = unsafe { bpf_ktime_get_ns() };
+        }
+        self.exact
+    }
+
+    /// Whether at least `interval` ns passed since `since` (an exact time, possibly
+    /// written by another CPU a little ahead of this CPU's approximate clock).
+    #[inline(always)]
+    fn elapsed(&self, since: u64, interval: u64) -> bool {
+        self.approx.saturating_sub(since) >= interval
+    }
+}
+
+/// The packet's conntrack key: IPv4 in `CONNTRACK4` (20 bytes), IPv6 in `CONNTRACK`.
+enum CtKey {
+    V4(ConntrackKey4),
+    V6(ConntrackKey6),
+}
+
+impl CtKey {
+    #[inline(always)]
+    fn of(pkt: &Packet, ifindex: u32, pkt_low: bool) -> Self {
+        let (lo_addr, hi_addr, lo_port, hi_port) = if pkt_low {
+            (&pkt.saddr, &pkt.daddr, pkt.sport, pkt.dport)
+        } else {
+            (&pkt.daddr, &pkt.saddr, pkt.dport, pkt.sport)
+        };
+        if pkt.family == family::IPV4 {
+            CtKey::V4(ConntrackKey4 {
+                lo_addr: lo_addr[3],
+                hi_addr: hi_addr[3],
+                lo_port,
+                hi_port,
+                ifindex,
+                proto: u32::from(pkt.proto),
+            })
+        } else {
+            CtKey::V6(ConntrackKey6 {
+                lo_addr: *lo_addr,
+                hi_addr: *hi_addr,
+                lo_port,
+                hi_port,
+                ifindex,
+                proto: u32::from(pkt.proto),
+            })
+        }
+    }
+
+    #[inline(always)]
+    fn lookup(&self) -> Option<*mut ConntrackEntry> {
+        match self {
+            CtKey::V4(k) => CONNTRACK4.get_ptr_mut(k),
+            CtKey::V6(k) => CONNTRACK.get_ptr_mut(k),
+        }
+    }
+
+    /// Insert `entry` unless the key exists (BPF_NOEXIST).
+    #[inline(always)]
+    fn insert_new(&self, entry: &ConntrackEntry) -> bool {
+        const BPF_NOEXIST: u64 = 1;
+        match self {
+            CtKey::V4(k) => CONNTRACK4.insert(k, entry, BPF_NOEXIST).is_ok(),
+            CtKey::V6(k) => CONNTRACK.insert(k, entry, BPF_NOEXIST).is_ok(),
+        }
+    }
+}
+
 #[inline(always)]
-fn try_observe(ctx: &TcContext, hook: u8) -> Result<i32, Counter> {
+fn bytes16(w: &[u32; 4]) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let x = w[i].to_ne_bytes();
+        b[4 * i] = x[0];
+        b[4 * i + 1] = x[1];
+        b[4 * i + 2] = x[2];
+        b[4 * i + 3] = x[3];
+        i += 1;
+    }
+    b
+}
+
+#[inline(always)]
+fn try_observe(ctx: &TcContext, hook: u8, cpu: &mut CpuState) -> Result<i32, Counter> {
     let pkt = parse_packet(ctx)?;
-    let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: reading a field of the context's __sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let len = ctx.len();
     let cfg = config();
+    let mut now = Now::read(cpu);
     // The endpoint is looked up only when a verdict is decided or an event is written,
     // keeping it off the established-flow path.
     // SAFETY: map value valid for the program run.
@@ -197,50 +327,29 @@ fn try_observe(ctx: &TcContext, hook: u8) -> Result<i32, Counter> {
         direction::INGRESS
     };
 
-    let mut key = FlowKey {
-        saddr: pkt.saddr,
-        daddr: pkt.daddr,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto: pkt.proto,
-        family: pkt.family,
-        _pad: [0; 2],
-        ifindex,
-    };
+    // Both directions of a connection share one key (its ends in canonical order), so
+    // every packet, reply or not, takes exactly one lookup.
+    let pkt_low = conntrack_low_first(&pkt.saddr, pkt.sport, &pkt.daddr, pkt.dport);
+    let ct_key = CtKey::of(&pkt, ifindex, pkt_low);
 
     let mut reason: Option<FlowReason> = None;
-    let mut is_reply = false;
     let mut no_ct = false;
     let mut fresh_entry = false;
-    let mut entry_ptr = CONNTRACK.get_ptr_mut(&key);
+    let mut entry_ptr = ct_key.lookup();
+    let mut scratch_ptr: Option<*mut ConntrackEntry> = None;
     if entry_ptr.is_none() {
-        // Try the reverse orientation: this packet may be a reply.
-        key.saddr = pkt.daddr;
-        key.daddr = pkt.saddr;
-        key.sport = pkt.dport;
-        key.dport = pkt.sport;
-        entry_ptr = CONNTRACK.get_ptr_mut(&key);
-        if entry_ptr.is_some() {
-            is_reply = true;
-        } else {
-            key.saddr = pkt.saddr;
-            key.daddr = pkt.daddr;
-            key.sport = pkt.sport;
-            key.dport = pkt.dport;
-        }
-    }
-    // The per-CPU scratch entry serves as the new entry to insert and, if conntrack is
-    // full, as the stand-in entry for this packet alone.
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return Err(Counter::ParseErrors);
-    };
-    // SAFETY: this CPU's scratch slot, exclusively ours for the program run.
-    let scratch = unsafe { &mut *scratch };
-    if entry_ptr.is_none() {
-        // (The scratch slot is only touched on this path and the no-conntrack path.)
-        scratch.first_seen_ns = now;
-        scratch.last_seen_ns = now;
-        scratch.last_report_ns = now;
+        // The per-CPU scratch entry serves as the new entry to insert and, if conntrack
+        // is full, as the stand-in entry for this packet alone.
+        let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+            return Err(Counter::ParseErrors);
+        };
+        scratch_ptr = Some(scratch);
+        // SAFETY: this CPU's scratch slot, exclusively ours for the program run.
+        let scratch = unsafe { &mut *scratch };
+        let t = now.exact();
+        scratch.first_seen_ns = t;
+        scratch.last_seen_ns = t;
+        scratch.last_report_ns = t;
         scratch.syn_ns = 0;
         scratch.handshake_rtt_ns = 0;
         scratch.orig_packets = 0;
@@ -256,39 +365,49 @@ fn try_observe(ctx: &TcContext, hook: u8) -> Result<i32, Counter> {
         // Forces a policy decision below.
         scratch.policy_generation = cfg.policy_generation.wrapping_add(1);
         scratch.peer_identity = 0;
+        scratch.originator_low = u8::from(pkt_low);
+        scratch._pad = [0; 7];
         scratch.flow_id = (u64::from(unsafe { bpf_get_prandom_u32() }) << 32)
             | u64::from(unsafe { bpf_get_prandom_u32() });
-        // BPF_NOEXIST: if another CPU created it meanwhile, use theirs.
-        if CONNTRACK.insert(&key, &*scratch, 1).is_ok() {
+        // If another CPU created it meanwhile (either direction), use theirs.
+        if ct_key.insert_new(scratch) {
             count(Counter::ConntrackCreated, 1);
             reason = Some(FlowReason::New);
             fresh_entry = true;
         }
-        entry_ptr = CONNTRACK.get_ptr_mut(&key);
+        entry_ptr = ct_key.lookup();
         if entry_ptr.is_none() {
             count(Counter::ConntrackInsertFailed, 1);
             no_ct = true;
         }
     }
 
+    let mut is_reply = false;
     let ev_entry: &ConntrackEntry;
     if let Some(e) = entry_ptr {
         // SAFETY: pointer into the LRU map value, valid for this program run; shared
         // counters are updated atomically because both directions of a connection can run
         // on different CPUs at once.
         let e = unsafe { &mut *e };
+        is_reply = (e.originator_low != 0) != pkt_low;
         // Verdict: decided when the connection starts and re-decided when the policy
         // changed since; replies follow their connection's verdict (stateful).
         if e.policy_generation != cfg.policy_generation {
-            let peer_addr = if e.direction == direction::EGRESS {
-                &key.daddr
+            // The originator's view: (saddr, sport) opened the connection to (daddr, dport).
+            let (o_saddr, o_daddr, o_sport, o_dport) = if is_reply {
+                (&pkt.daddr, &pkt.saddr, pkt.dport, pkt.sport)
             } else {
-                &key.saddr
+                (&pkt.saddr, &pkt.daddr, pkt.sport, pkt.dport)
             };
-            let peer = identity_of(peer_addr);
+            let peer_addr = if e.direction == direction::EGRESS {
+                o_daddr
+            } else {
+                o_saddr
+            };
+            let peer = identity_of(&bytes16(peer_addr));
             let v = match endpoint() {
-                Some(_) if policy_exempt(key.proto, key.sport, key.dport) => PolicyValue::default(),
-                Some(ep) => decide(ep, e.direction, peer, key.proto, key.dport),
+                Some(_) if policy_exempt(pkt.proto, o_sport, o_dport) => PolicyValue::default(),
+                Some(ep) => decide(ep, e.direction, peer, pkt.proto, o_dport),
                 None => PolicyValue::default(),
             };
             let (vd, why) = verdict_of(&v);
@@ -307,14 +426,12 @@ fn try_observe(ctx: &TcContext, hook: u8) -> Result<i32, Counter> {
                 add_u64(&mut e.orig_bytes, u64::from(len));
             }
         }
-        e.last_seen_ns = now;
 
         if e.verdict == verdict::DROPPED {
             count(Counter::PolicyDropped, 1);
             let interval = u64::from(cfg.drop_report_interval_ms) * 1_000_000;
-            if fresh_entry || now.wrapping_sub(e.last_report_ns) >= interval {
+            if fresh_entry || now.elapsed(e.last_report_ns, interval) {
                 reason = Some(FlowReason::Drop);
-                e.last_report_ns = now;
             } else {
                 reason = None;
                 count(Counter::DropReportsSuppressed, 1);
@@ -336,7 +453,7 @@ fn try_observe(ctx: &TcContext, hook: u8) -> Result<i32, Counter> {
                 };
                 let seen = old | bits;
                 if !is_reply && flags & tcp_flags::SYN != 0 && flags & tcp_flags::ACK == 0 {
-                    e.syn_ns = now;
+                    e.syn_ns = now.exact();
                 }
                 if is_reply
                     && flags & (tcp_flags::SYN | tcp_flags::ACK)
@@ -344,7 +461,7 @@ fn try_observe(ctx: &TcContext, hook: u8) -> Result<i32, Counter> {
                     && e.handshake_rtt_ns == 0
                     && e.syn_ns != 0
                 {
-                    e.handshake_rtt_ns = now - e.syn_ns;
+                    e.handshake_rtt_ns = now.exact().saturating_sub(e.syn_ns);
                 }
                 let was_closed = e.closed != 0;
                 let fin_both = seen & u64::from(tcp_flags::FIN) != 0
@@ -360,25 +477,34 @@ fn try_observe(ctx: &TcContext, hook: u8) -> Result<i32, Counter> {
                     }
                 }
             }
-            if reason.is_none() && now.wrapping_sub(e.last_report_ns) >= cfg.report_interval_ns {
+            if reason.is_none() && now.elapsed(e.last_report_ns, cfg.report_interval_ns) {
                 reason = Some(FlowReason::Update);
             }
             if reason.is_none() && cfg.aggregation == AGGREGATION_NONE {
                 reason = Some(FlowReason::Packet);
             }
-            if reason.is_some() {
-                e.last_report_ns = now;
-            }
+        }
+        if reason.is_some() {
+            let t = now.exact();
+            e.last_report_ns = t;
+            e.last_seen_ns = t;
+        } else {
+            e.last_seen_ns = now.approx;
         }
         ev_entry = e;
     } else {
+        let Some(scratch) = scratch_ptr else {
+            return Err(Counter::ParseErrors);
+        };
+        // SAFETY: as above.
+        let scratch = unsafe { &mut *scratch };
         // No conntrack slot: decide for this packet alone.
         let peer_addr = if pkt_dir == direction::EGRESS {
-            &key.daddr
+            &pkt.daddr
         } else {
-            &key.saddr
+            &pkt.saddr
         };
-        let peer = identity_of(peer_addr);
+        let peer = identity_of(&bytes16(peer_addr));
         let v = match endpoint() {
             Some(_) if policy_exempt(pkt.proto, pkt.sport, pkt.dport) => PolicyValue::default(),
             Some(ep) => decide(ep, pkt_dir, peer, pkt.proto, pkt.dport),
@@ -411,12 +537,42 @@ fn try_observe(ctx: &TcContext, hook: u8) -> Result<i32, Counter> {
     let Some(reason) = reason else {
         return Ok(action);
     };
+    emit(
+        &pkt,
+        ev_entry,
+        reason,
+        is_reply,
+        no_ct,
+        ifindex,
+        len,
+        now.exact(),
+        hook,
+        cfg,
+    );
+    Ok(action)
+}
+
+/// Write a flow event for `pkt` of the connection `ev_entry` into the ring buffer.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn emit(
+    pkt: &Packet,
+    ev_entry: &ConntrackEntry,
+    reason: FlowReason,
+    is_reply: bool,
+    no_ct: bool,
+    ifindex: u32,
+    len: u32,
+    now: u64,
+    hook: u8,
+    cfg: &DatapathConfig,
+) {
     count(Counter::EventsAttempted, 1);
     let Some(mut slot) = EVENTS.reserve::<FlowEvent>(0) else {
         count(Counter::RingReserveFailed, 1);
-        return Ok(action);
+        return;
     };
-    let (endpoint_id, ep_identity) = match endpoint() {
+    let (endpoint_id, ep_identity) = match unsafe { ENDPOINTS.get(&ifindex) } {
         Some(ep) => (ep.endpoint_id, ep.identity),
         None => (0, 0),
     };
@@ -434,6 +590,30 @@ fn try_observe(ctx: &TcContext, hook: u8) -> Result<i32, Counter> {
     if no_ct {
         flags |= flow_flags::NO_CONNTRACK;
     }
+    // The event's key is oriented as the connection's first packet.
+    let key = if is_reply {
+        FlowKey {
+            saddr: bytes16(&pkt.daddr),
+            daddr: bytes16(&pkt.saddr),
+            sport: pkt.dport,
+            dport: pkt.sport,
+            proto: pkt.proto,
+            family: pkt.family,
+            _pad: [0; 2],
+            ifindex,
+        }
+    } else {
+        FlowKey {
+            saddr: bytes16(&pkt.saddr),
+            daddr: bytes16(&pkt.daddr),
+            sport: pkt.sport,
+            dport: pkt.dport,
+            proto: pkt.proto,
+            family: pkt.family,
+            _pad: [0; 2],
+            ifindex,
+        }
+    };
     // Fill the reserved record in place (a FlowEvent on the stack would not fit).
     let ev: *mut FlowEvent = slot.as_mut_ptr();
     // SAFETY: `ev` points to a reserved, exclusively owned ring buffer record of the right
@@ -473,9 +653,9 @@ fn try_observe(ctx: &TcContext, hook: u8) -> Result<i32, Counter> {
         (*ev)._pad = [0; 1];
     }
     let pending = EVENTS.query(BPF_RB_AVAIL_DATA);
-    if let Some(slot) = COUNTERS.get_ptr_mut(Counter::RingPendingBytes as u32) {
-        // SAFETY: per-CPU slot of this CPU.
-        unsafe { *slot = pending };
+    if let Some(cpu) = COUNTERS.get_ptr_mut(0) {
+        // SAFETY: this CPU's entry.
+        unsafe { (*cpu).counters[Counter::RingPendingBytes as usize] = pending };
     }
     let wake = if pending >= cfg.wakeup_watermark_bytes {
         BPF_RB_FORCE_WAKEUP
@@ -484,7 +664,6 @@ fn try_observe(ctx: &TcContext, hook: u8) -> Result<i32, Counter> {
     };
     slot.submit(u64::from(wake));
     count(Counter::EventsEmitted, 1);
-    Ok(action)
 }
 
 /// Atomic add (BPF_ATOMIC_ADD) on a map value field.
