@@ -14,6 +14,7 @@
 //! * Replies of allowed connections are the datapath's (conntrack's) job; the evaluator
 //!   judges the packet that opens a connection.
 
+use std::borrow::Borrow;
 use std::net::IpAddr;
 
 use crate::endpoints::EndpointIndex;
@@ -100,6 +101,22 @@ pub fn evaluate(
     protocol: u8,
     dport: u16,
 ) -> Decision {
+    evaluate_in(
+        policies, local, local_mode, peer, direction, protocol, dport,
+    )
+}
+
+/// [`evaluate`] over policies held by value or by reference (the compiler passes the
+/// subset relevant to one endpoint without cloning it).
+pub(crate) fn evaluate_in<P: Borrow<Policy>>(
+    policies: &[P],
+    local: &Labels,
+    local_mode: EnforcementMode,
+    peer: &PeerInfo,
+    direction: Direction,
+    protocol: u8,
+    dport: u16,
+) -> Decision {
     if local_mode == EnforcementMode::Off {
         return Decision {
             verdict: Verdict::Forwarded,
@@ -109,7 +126,7 @@ pub fn evaluate(
     }
     let mode_of = |p: &Policy| p.mode.unwrap_or(local_mode);
     let mut allowed_by = Vec::new();
-    for p in policies {
+    for p in policies.iter().map(Borrow::borrow) {
         for (i, r) in p.rules_for(local, direction) {
             if r.action == Action::Allow && r.matches(peer, protocol, dport) {
                 allowed_by.push(p.rule_ref(Some(i)));
@@ -119,6 +136,7 @@ pub fn evaluate(
     let outcome = |enforcing_only: bool| -> Outcome {
         let subset = policies
             .iter()
+            .map(Borrow::borrow)
             .filter(|p| !enforcing_only || mode_of(p) == EnforcementMode::Enforce);
         let mut selected_by: Option<&Policy> = None;
         let mut allow: Option<RuleRef> = None;

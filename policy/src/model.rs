@@ -343,11 +343,16 @@ impl Peer {
 
 impl Rule {
     pub fn matches(&self, peer: &PeerInfo, ip_proto: u8, dport: u16) -> bool {
-        let peer_ok = match &self.peers {
+        self.peer_matches(peer)
+            && (self.ports.is_empty() || self.ports.iter().any(|p| p.matches(ip_proto, dport)))
+    }
+
+    /// The peer half of [`Rule::matches`]: does the rule apply to this peer at all?
+    pub fn peer_matches(&self, peer: &PeerInfo) -> bool {
+        match &self.peers {
             Peers::Any => true,
             Peers::Some(list) => list.iter().any(|p| p.matches(peer)),
-        };
-        peer_ok && (self.ports.is_empty() || self.ports.iter().any(|p| p.matches(ip_proto, dport)))
+        }
     }
 }
 
@@ -377,6 +382,18 @@ impl Policy {
                     .get(r.spec)
                     .is_some_and(|s| s.subject.matches(labels));
             applies.then(|| (u32::try_from(i).unwrap_or(u32::MAX), r))
+        })
+    }
+
+    /// Can this policy change any verdict of an endpoint with `labels`: does a spec select
+    /// it into default deny in some direction, or does a rule apply to it? (The same as
+    /// `selects` or `rules_for` being non-empty in either direction, in one pass.)
+    pub fn applies_to(&self, labels: &Labels) -> bool {
+        self.specs.iter().enumerate().any(|(i, s)| {
+            (s.default_deny_ingress
+                || s.default_deny_egress
+                || self.rules.iter().any(|r| r.spec == i))
+                && s.subject.matches(labels)
         })
     }
 
