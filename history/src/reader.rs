@@ -616,6 +616,16 @@ impl HistoryReader {
         rx
     }
 
+    /// Whether ClickHouse answers (a trivial query).
+    pub async fn ping(&self) -> Result<(), HistoryError> {
+        self.client
+            .query("SELECT 1")
+            .fetch_one::<u8>()
+            .await
+            .map_err(HistoryError::ch("asking ClickHouse"))?;
+        Ok(())
+    }
+
     /// Time (ns) of the newest stored flow at or after `since_ns`, if any.
     pub async fn newest_ns(&self, since_ns: i64) -> Result<Option<i64>, HistoryError> {
         let n: i64 = crate::queries::newest_flow(self.layout.flavor, &self.database, since_ns)

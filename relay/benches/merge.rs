@@ -5,12 +5,18 @@
 //!    runtime, CPU time measured from its threads) → one client, batched (FlowBatches on
 //!    both hops) vs per-flow (GetFlows on both hops) vs mixed (batched from nodes,
 //!    per-flow to a stock client): flows per relay CPU-second;
-//! 3. added latency of the merge at a given rate (follow mode): p50/p99 of receive time −
-//!    flow time, read from the nodes directly (baseline), through the relay with every node
-//!    busy, and with one quiet node (which costs the sort window).
+//! 3. added latency of the relay at a given rate (follow mode). One client follows every
+//!    node directly *and* the relay at the same time; a flow's added latency is when it
+//!    came through the relay − when the same flow came from its node directly (the moment
+//!    it was available to the relay), so what the node, the pusher and a busy machine add
+//!    to both paths cancels out. Also printed: flow time → client through the relay and
+//!    directly. With every node busy and with quiet nodes (connected, sending nothing),
+//!    with the relay inferring idle nodes' watermarks (`sort_idle_watermarks`, the
+//!    default) and without (a quiet node costs the sort window), side by side.
 //!
-//! `cargo bench -p lumen-relay --bench merge` (env `RELAY_BENCH_FLOWS`, `RELAY_BENCH_RATE`
-//! change the sizes).
+//! `cargo bench -p lumen-relay --bench merge` (env `RELAY_BENCH_FLOWS`, `RELAY_BENCH_RATE`,
+//! `RELAY_BENCH_SECS` change the sizes; `RELAY_BENCH_ONLY=latency` or `=throughput` runs
+//! one part).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -144,6 +150,7 @@ impl Cluster {
         relay_batches: bool,
         live: bool,
         window: Duration,
+        idle_watermarks: bool,
     ) -> (Cluster, Vec<Arc<SyntheticNode>>) {
         let mut servers = Vec::new();
         let mut specs = Vec::new();
@@ -185,6 +192,7 @@ impl Cluster {
             max_number: u64::MAX,
             client_queue_flows: 1 << 16,
             sort_window: window,
+            sort_idle_watermarks: idle_watermarks,
             ..Config::default()
         };
         let relay = relay_rt.block_on(async {
@@ -253,6 +261,7 @@ fn end_to_end(client_rt: &tokio::runtime::Runtime, n: usize, per_node: usize, mo
         relay_b,
         false,
         Duration::from_millis(200),
+        true,
     );
     let addr = cluster.address();
     let cpu0 = thread_cpu_seconds("relay-bench");
@@ -316,37 +325,48 @@ fn percentile(sorted: &[i64], p: f64) -> f64 {
     sorted[i] as f64 / 1e6
 }
 
-/// Flows pushed at `rate`/s in total across the busy nodes, each stamped with the wall
-/// clock when pushed; the client records receive time − flow time.
-fn latency(
-    client_rt: &tokio::runtime::Runtime,
-    n: usize,
+/// What one latency run measures.
+#[derive(Clone, Copy)]
+struct LatencyRun {
+    nodes: usize,
     quiet: usize,
     rate: usize,
     seconds: f64,
-    via_relay: bool,
     window: Duration,
-) {
-    let (cluster, nodes) = Cluster::start(n, 0, true, true, true, window);
-    let addrs: Vec<SocketAddr> = if via_relay {
-        vec![cluster.address()]
-    } else {
-        cluster.nodes.iter().map(|s| s.address).collect()
-    };
+    idle_watermarks: bool,
+}
+
+/// Flows pushed at `rate`/s in total across the busy nodes, each stamped with the wall
+/// clock when pushed (strictly increasing per node, so (node, time) names a flow). The
+/// client follows the relay and every node directly; see the module doc.
+fn latency(client_rt: &tokio::runtime::Runtime, run: LatencyRun) {
+    let LatencyRun {
+        nodes: n,
+        quiet,
+        rate,
+        seconds,
+        window,
+        idle_watermarks,
+    } = run;
+    let (cluster, nodes) = Cluster::start(n, 0, true, true, true, window, idle_watermarks);
+    let relay_addr = cluster.address();
+    let node_addrs: Vec<SocketAddr> = cluster.nodes.iter().map(|s| s.address).collect();
+    let names: Vec<Arc<str>> = nodes.iter().map(|n| Arc::from(n.name())).collect();
     let busy: Vec<Arc<SyntheticNode>> = nodes[..n - quiet].to_vec();
     let total = (rate as f64 * seconds) as usize;
-    let lat = client_rt.block_on(async move {
+    // (node, flow time, receive time), through the relay and directly.
+    type Seen = Vec<(usize, i64, i64)>;
+    let (via_relay, direct, pushed): (Seen, Seen, usize) = client_rt.block_on(async move {
         let follow = GetFlowsRequest {
             follow: true,
             ..Default::default()
         };
         let mut streams = Vec::new();
-        for a in addrs {
-            streams.push(
-                get_flows_raw(channel(a).await, follow.clone())
-                    .await
-                    .unwrap(),
-            );
+        for (i, a) in std::iter::once(relay_addr).chain(node_addrs).enumerate() {
+            let s = get_flows_raw(channel(a).await, follow.clone())
+                .await
+                .unwrap();
+            streams.push(s.map(move |r| (i == 0, r)).boxed());
         }
         let mut s = futures::stream::select_all(streams);
         // Let every node stream open before pushing.
@@ -355,16 +375,21 @@ fn latency(
             let tick = Duration::from_millis(1);
             let per_tick = (rate / 1000).max(1);
             let start = Instant::now();
+            let mut last = vec![0i64; busy.len()];
             let mut sent = 0usize;
             let mut i = 0u64;
+            let mut rr = 0usize;
             while sent < total {
                 let due = ((start.elapsed().as_secs_f64() * rate as f64) as usize).min(total);
                 while sent < due {
-                    let k = sent % busy.len();
+                    let k = rr % busy.len();
+                    rr += 1;
                     let chunk = per_tick.min(due - sent).div_ceil(busy.len()).max(1);
-                    let now = now_ns();
+                    let chunk = chunk.min(total - sent);
+                    let t0 = now_ns().max(last[k] + 1);
+                    last[k] = t0 + chunk as i64 - 1;
                     let name = busy[k].name().to_owned();
-                    busy[k].push((0..chunk).map(|j| flow(&name, now, i + j as u64)));
+                    busy[k].push((0..chunk).map(|j| flow(&name, t0 + j as i64, i + j as u64)));
                     i += chunk as u64;
                     sent += chunk;
                 }
@@ -372,31 +397,59 @@ fn latency(
             }
             sent
         });
-        let mut lat = Vec::with_capacity(total);
+        let mut via_relay = Vec::with_capacity(total);
+        let mut direct = Vec::with_capacity(total);
         let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(seconds + 10.0);
-        while lat.len() < total {
+        while via_relay.len() < total || direct.len() < total {
             match tokio::time::timeout_at(deadline, s.next()).await {
-                Ok(Some(Ok(r))) if r.is_flow() => {
-                    lat.push(now_ns() - r.time_ns.unwrap_or_default())
+                Ok(Some((relay, Ok(r)))) if r.is_flow() => {
+                    let now = now_ns();
+                    let node = names
+                        .iter()
+                        .position(|n| *n == r.node_name)
+                        .unwrap_or(usize::MAX);
+                    let seen = (node, r.time_ns.unwrap_or_default(), now);
+                    if relay {
+                        via_relay.push(seen);
+                    } else {
+                        direct.push(seen);
+                    }
                 }
-                Ok(Some(Ok(_))) => {}
+                Ok(Some((_, Ok(_)))) => {}
                 _ => break,
             }
         }
         let pushed = pusher.join().unwrap();
-        lat.sort_unstable();
-        (lat, pushed)
+        (via_relay, direct, pushed)
     });
-    let (lat, pushed) = lat;
+    let when_direct: std::collections::HashMap<(usize, i64), i64> =
+        direct.iter().map(|&(n, t, r)| ((n, t), r)).collect();
+    let mut added: Vec<i64> = via_relay
+        .iter()
+        .filter_map(|&(n, t, r)| when_direct.get(&(n, t)).map(|d| r - d))
+        .collect();
+    let mut e2e_relay: Vec<i64> = via_relay.iter().map(|&(_, t, r)| r - t).collect();
+    let mut e2e_direct: Vec<i64> = direct.iter().map(|&(_, t, r)| r - t).collect();
+    for v in [&mut added, &mut e2e_relay, &mut e2e_direct] {
+        v.sort_unstable();
+    }
+    let relay = cluster.relay.as_ref().unwrap();
     println!(
-        "latency      {n:>2} nodes ({quiet} quiet) at {:>4} k flows/s, {:<25}: p50 {:>6.2} ms, p99 {:>6.2} ms, max {:>6.2} ms ({} of {pushed} flows received, {} late)",
+        "latency      {n:>2} nodes ({quiet} quiet) at {:>4} k flows/s, window {window:?}, idle watermarks {:<3}: \
+         added p50 {:>6.2} ms, p99 {:>6.2} ms, max {:>6.2} ms | flow→client via relay p50 {:.2} p99 {:.2} ms, \
+         direct p50 {:.2} p99 {:.2} ms | {} of {pushed} flows via relay, {} late, {} window-released",
         rate / 1000,
-        if via_relay { format!("relay, window {window:?}") } else { "nodes directly".to_owned() },
-        percentile(&lat, 0.50),
-        percentile(&lat, 0.99),
-        percentile(&lat, 1.0),
-        lat.len(),
-        cluster.relay.as_ref().map_or(0, |r| r.metrics.late_flows.get())
+        if idle_watermarks { "on" } else { "off" },
+        percentile(&added, 0.50),
+        percentile(&added, 0.99),
+        percentile(&added, 1.0),
+        percentile(&e2e_relay, 0.50),
+        percentile(&e2e_relay, 0.99),
+        percentile(&e2e_direct, 0.50),
+        percentile(&e2e_direct, 0.99),
+        via_relay.len(),
+        relay.metrics.late_flows.get(),
+        relay.metrics.window_released.get(),
     );
     drop(cluster);
 }
@@ -407,29 +460,42 @@ fn main() {
     let quick = !std::env::args().any(|a| a == "--bench");
     let per_node = env_usize("RELAY_BENCH_FLOWS", if quick { 2_000 } else { 200_000 });
     let rate = env_usize("RELAY_BENCH_RATE", if quick { 5_000 } else { 100_000 });
+    let secs = env_usize("RELAY_BENCH_SECS", if quick { 1 } else { 5 }) as f64;
+    let only = std::env::var("RELAY_BENCH_ONLY").unwrap_or_default();
     println!(
         "lumen-relay benchmarks ({} CPUs)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    for n in [3, 10] {
-        merge_core(n, if quick { 10_000 } else { 1_000_000 });
-    }
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("bench-client")
         .enable_all()
         .build()
         .unwrap();
-    for mode in [Mode::Batched, Mode::Mixed, Mode::PerFlow] {
-        end_to_end(&client_rt, 3, per_node, mode);
+    if only.is_empty() || only == "throughput" {
+        for n in [3, 10] {
+            merge_core(n, if quick { 10_000 } else { 1_000_000 });
+        }
+        for mode in [Mode::Batched, Mode::Mixed, Mode::PerFlow] {
+            end_to_end(&client_rt, 3, per_node, mode);
+        }
     }
-    let secs = if quick { 1.0 } else { 5.0 };
-    // The same load read from the nodes directly is the baseline: the difference is what
-    // the relay (merge, reordering window, one more hop) adds.
-    let (w200, w50) = (Duration::from_millis(200), Duration::from_millis(50));
-    latency(&client_rt, 3, 0, rate, secs, false, w200);
-    latency(&client_rt, 3, 0, rate, secs, true, w200);
-    latency(&client_rt, 3, 0, rate, secs, true, w50);
-    latency(&client_rt, 3, 1, rate, secs, true, w200);
-    latency(&client_rt, 3, 1, rate, secs, true, w50);
+    if only.is_empty() || only == "latency" {
+        let window = Duration::from_millis(200);
+        for (nodes, quiet) in [(3, 0), (3, 1), (10, 3)] {
+            for idle_watermarks in [false, true] {
+                latency(
+                    &client_rt,
+                    LatencyRun {
+                        nodes,
+                        quiet,
+                        rate,
+                        seconds: secs,
+                        window,
+                        idle_watermarks,
+                    },
+                );
+            }
+        }
+    }
 }

@@ -74,6 +74,11 @@ pub struct Config {
     /// (follow mode). Longer: fewer out-of-order flows; shorter: less latency.
     #[serde(with = "humantime_serde")]
     pub sort_window: Duration,
+    /// Follow mode: a node stream that is connected and idle (caught up) is taken to have
+    /// sent everything older than the slowest recent node-to-relay transit (plus a margin),
+    /// so a quiet node costs about that transit instead of the whole `sort_window`.
+    /// `false`: a quiet node costs the window (fewer late flows when transits spike).
+    pub sort_idle_watermarks: bool,
     /// Flows one client's merge may hold; past it the oldest is sent at once.
     pub sort_buffer_flows: usize,
     pub late_flows: LateFlows,
@@ -131,6 +136,9 @@ impl Default for Config {
             // Node exporters deliver within ~2 drain intervals (20 ms each) plus the network;
             // 200 ms absorbs that with room, and is what a quiet node costs in latency.
             sort_window: Duration::from_millis(200),
+            // Nodes rarely have nothing to say cluster-wide, but often nothing that matches a
+            // client's filters: without this, `--verdict DROPPED -f` waits out the window.
+            sort_idle_watermarks: true,
             // ~30-60 MB of encoded flows per client at most.
             sort_buffer_flows: 100_000,
             // Losing a flow is worse than showing it a little out of order.
@@ -337,6 +345,19 @@ impl Config {
         }
         if let Some((name, v)) = get("SORT_WINDOW") {
             self.sort_window = duration_env(&name, &v)?;
+        }
+        if let Some((name, v)) = get("SORT_IDLE_WATERMARKS") {
+            self.sort_idle_watermarks = match v.as_str() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                _ => {
+                    return Err(ConfigError::Env {
+                        name,
+                        value: v,
+                        reason: "expected true or false".to_owned(),
+                    })
+                }
+            };
         }
         if let Some((name, v)) = get("LATE_FLOWS") {
             self.late_flows = match v.as_str() {

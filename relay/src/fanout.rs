@@ -10,6 +10,12 @@
 //!                                             one-shot: full ⇒ wait
 //! ```
 //!
+//! Following, a node stream that is connected and idle (caught up: nothing buffered in the
+//! merge, nothing waiting in its channel) does not hold the others back for the whole sort
+//! window: the merge task advances its watermark to `now − transit bound`, the slowest
+//! recent node-to-merge transit plus a margin ([`TransitBound`]). A stream's first window
+//! (its history, or a resumed stream's catch-up) is waited out as before.
+//!
 //! Nodes failing mid-stream become node-status records for the client and stop holding
 //! the merge back; a following client's node task waits for the node to come back and
 //! resumes after the last flow it had (backoff with full jitter between attempts). Nodes
@@ -32,7 +38,7 @@ use crate::{
     backoff::{Backoff, Jitter},
     batches::open_node_stream,
     config::LateFlows,
-    merge::Merge,
+    merge::{Merge, TransitBound},
     metrics::{reason, Metrics},
     pool::{describe_status, ConnState, Node, NodePool},
     queue::{QueueSender, SendError},
@@ -46,11 +52,15 @@ const NODE_CHANNEL_CHUNKS: usize = 4;
 const OUT_BATCH: usize = 512;
 /// How often a following client that lost flows is retried for its lost-events record.
 const LOST_RETRY: Duration = Duration::from_millis(200);
+/// How long a node-to-merge transit counts towards the transit bound (one to two periods).
+const TRANSIT_PERIOD: Duration = Duration::from_secs(1);
 
 /// How fan-outs behave (from the relay's config).
 #[derive(Debug, Clone)]
 pub struct FanoutSettings {
     pub sort_window: Duration,
+    /// Infer the watermark of idle node streams (see the module doc).
+    pub sort_idle_watermarks: bool,
     pub sort_buffer_flows: usize,
     pub late_flows: LateFlows,
     pub client_queue_flows: usize,
@@ -66,6 +76,7 @@ impl FanoutSettings {
     pub fn from_config(c: &crate::config::Config) -> Self {
         Self {
             sort_window: c.sort_window,
+            sort_idle_watermarks: c.sort_idle_watermarks,
             sort_buffer_flows: c.sort_buffer_flows,
             late_flows: c.late_flows,
             client_queue_flows: c.client_queue_flows,
@@ -101,6 +112,9 @@ struct SlotTask {
     rx: mpsc::Receiver<NodeMsg>,
     task: JoinHandle<()>,
     done: bool,
+    /// Following: from when the stream counts as caught up when idle, so that its
+    /// watermark may be inferred (`None`: never, an exact merge).
+    infer_from: Option<Instant>,
 }
 
 impl Drop for SlotTask {
@@ -200,9 +214,14 @@ pub async fn run(
     let mut ready = Vec::new();
     let mut last_input = Instant::now();
     let mut next_slot = 0usize;
+    let mut transit = TransitBound::new(TRANSIT_PERIOD);
+    let mut infer_wake: Option<Instant> = None;
     loop {
         // Wait for input, a deadline, membership changes or the client leaving.
-        let deadline = next_deadline(&merge, &sink, base, last_input, &settings);
+        let mut deadline = next_deadline(&merge, &sink, base, last_input, &settings);
+        if let Some(w) = infer_wake {
+            deadline = Some(deadline.map_or(w, |d| d.min(w)));
+        }
         let woke = {
             let input =
                 std::future::poll_fn(|cx| poll_inputs(cx, &mut slots, &merge, &mut next_slot));
@@ -226,19 +245,24 @@ pub async fn run(
         match woke {
             Woke::Input((slot, msg)) => {
                 last_input = Instant::now();
-                handle(
-                    slot, msg, &mut slots, &mut merge, &mut sink, &mut late, &settings, &metrics,
-                );
+                let mut ctx = Ctx {
+                    slots: &mut slots,
+                    merge: &mut merge,
+                    sink: &mut sink,
+                    late: &mut late,
+                    transit: &mut transit,
+                    query: &query,
+                    settings: &settings,
+                    metrics: &metrics,
+                };
+                ctx.handle(slot, msg);
                 // Take whatever else is ready before merging.
                 let mut budget = 64;
                 while budget > 0 {
-                    let Some((slot, msg)) = try_inputs(&mut slots, &merge, &mut next_slot) else {
+                    let Some((slot, msg)) = try_inputs(ctx.slots, ctx.merge, &mut next_slot) else {
                         break;
                     };
-                    handle(
-                        slot, msg, &mut slots, &mut merge, &mut sink, &mut late, &settings,
-                        &metrics,
-                    );
+                    ctx.handle(slot, msg);
                     budget -= 1;
                 }
             }
@@ -269,8 +293,10 @@ pub async fn run(
             Woke::Timer => {}
         }
         let now = base.elapsed().as_nanos() as u64;
+        let idle_lag = infer_watermarks(&mut merge, &slots, &mut transit, &settings);
         let before = merge.stats();
         merge.pop_ready(now, &mut ready);
+        infer_wake = idle_lag.and_then(|lag| inference_wake(&mut merge, &slots, lag));
         let after = merge.stats();
         metrics
             .window_released
@@ -355,6 +381,15 @@ fn add_slot(
     if !connected {
         merge.set_live(slot, false);
     }
+    // A live-only request has no history to wait for; otherwise (history, or a node
+    // joining with the client's request) the stream's first window is waited out.
+    let infer_from = (query.follow && settings.sort_idle_watermarks).then(|| {
+        if query.limit == Limit::All && query.since_ns.is_none() {
+            Instant::now()
+        } else {
+            Instant::now() + settings.sort_window
+        }
+    });
     let task = tokio::spawn(node_task(
         node.clone(),
         query.clone(),
@@ -371,6 +406,7 @@ fn add_slot(
         rx,
         task,
         done: false,
+        infer_from,
     });
 }
 
@@ -427,63 +463,145 @@ fn try_inputs(slots: &mut [SlotTask], merge: &Merge, next: &mut usize) -> Option
     None
 }
 
-#[allow(clippy::too_many_arguments)]
-fn handle(
-    slot: usize,
-    msg: NodeMsg,
-    slots: &mut [SlotTask],
-    merge: &mut Merge,
-    sink: &mut Sink,
-    late: &mut Vec<RawResponse>,
-    settings: &FanoutSettings,
-    metrics: &Metrics,
-) {
-    match msg {
-        NodeMsg::Flows { flows, arrival } => {
-            merge.set_live(slot, true);
-            merge.push(slot, flows, arrival, late);
-            if !late.is_empty() {
-                metrics.late_flows.inc_by(late.len() as u64);
-                match settings.late_flows {
-                    LateFlows::Deliver => {
-                        for r in late.drain(..) {
-                            sink.event(r);
-                        }
+/// What handling a node message touches.
+struct Ctx<'a> {
+    slots: &'a mut [SlotTask],
+    merge: &'a mut Merge,
+    sink: &'a mut Sink,
+    late: &'a mut Vec<RawResponse>,
+    transit: &'a mut TransitBound,
+    query: &'a FlowQuery,
+    settings: &'a FanoutSettings,
+    metrics: &'a Metrics,
+}
+
+impl Ctx<'_> {
+    fn handle(&mut self, slot: usize, msg: NodeMsg) {
+        let (merge, sink, late, settings, metrics) = (
+            &mut *self.merge,
+            &mut *self.sink,
+            &mut *self.late,
+            self.settings,
+            self.metrics,
+        );
+        match msg {
+            NodeMsg::Flows { flows, arrival } => {
+                if self.query.follow {
+                    // The slowest transit of the batch is its oldest live flow's (history
+                    // flows, at or before the request, say nothing about transit).
+                    let received = self.query.received_ns;
+                    let oldest = flows
+                        .iter()
+                        .filter_map(|r| r.time_ns)
+                        .filter(|t| *t > received)
+                        .min();
+                    if let Some(t) = oldest {
+                        self.transit.record(now_ns(), t);
                     }
-                    LateFlows::Drop => {
-                        metrics.discard("merge", reason::LATE, late.len() as u64);
-                        sink.lost += late.len() as u64;
-                        late.clear();
+                }
+                merge.set_live(slot, true);
+                merge.push(slot, flows, arrival, late);
+                if !late.is_empty() {
+                    metrics.late_flows.inc_by(late.len() as u64);
+                    match settings.late_flows {
+                        LateFlows::Deliver => {
+                            for r in late.drain(..) {
+                                sink.event(r);
+                            }
+                        }
+                        LateFlows::Drop => {
+                            metrics.discard("merge", reason::LATE, late.len() as u64);
+                            sink.lost += late.len() as u64;
+                            late.clear();
+                        }
                     }
                 }
             }
-        }
-        NodeMsg::Events(events) => {
-            for e in events {
-                sink.event(e);
+            NodeMsg::Events(events) => {
+                for e in events {
+                    sink.event(e);
+                }
             }
-        }
-        NodeMsg::State {
-            state,
-            name,
-            message,
-        } => {
-            merge.set_live(slot, state == WireNodeState::NodeConnected);
-            sink.event(RawResponse::node_status(
+            NodeMsg::State {
                 state,
-                vec![name],
+                name,
                 message,
-                settings.relay_name.clone(),
-                now_ns(),
-            ));
-        }
-        NodeMsg::Done => {
-            merge.set_live(slot, false);
-            if let Some(s) = slots.get_mut(slot) {
-                s.done = true;
+            } => {
+                let connected = state == WireNodeState::NodeConnected;
+                merge.set_live(slot, connected);
+                if connected {
+                    if let Some(s) = self.slots.get_mut(slot) {
+                        // A resumed stream first catches up on what it missed.
+                        if s.infer_from.is_some() {
+                            s.infer_from = Some(Instant::now() + settings.sort_window);
+                        }
+                    }
+                }
+                sink.event(RawResponse::node_status(
+                    state,
+                    vec![name],
+                    message,
+                    settings.relay_name.clone(),
+                    now_ns(),
+                ));
+            }
+            NodeMsg::Done => {
+                merge.set_live(slot, false);
+                if let Some(s) = self.slots.get_mut(slot) {
+                    s.done = true;
+                }
             }
         }
     }
+}
+
+/// Following: advances the watermark of every live node stream that is idle and caught
+/// up to `now − transit bound`. Returns that lag (ns) when it applies, i.e. when it is
+/// shorter than the sort window.
+fn infer_watermarks(
+    merge: &mut Merge,
+    slots: &[SlotTask],
+    transit: &mut TransitBound,
+    settings: &FanoutSettings,
+) -> Option<i64> {
+    if slots.iter().all(|s| s.infer_from.is_none()) {
+        return None;
+    }
+    let now_wall = now_ns();
+    let lag = transit.bound(now_wall)?;
+    if lag >= settings.sort_window.as_nanos().min(i64::MAX as u128) as i64 {
+        return None;
+    }
+    let now = Instant::now();
+    for (i, s) in slots.iter().enumerate() {
+        let caught_up = s.infer_from.is_some_and(|f| f <= now);
+        if caught_up && !s.done && merge.is_quiet(i) && s.rx.is_empty() {
+            merge.advance(i, now_wall.saturating_sub(lag));
+        }
+    }
+    Some(lag)
+}
+
+/// When the oldest flow still waiting for a quiet node stream can go by inference: when
+/// `now − lag` passes its time and every quiet stream counts as caught up (`None`: no
+/// flow waits for that, or only input can release it).
+fn inference_wake(merge: &mut Merge, slots: &[SlotTask], lag: i64) -> Option<Instant> {
+    let t = merge.waiting_for()?;
+    let now = Instant::now();
+    let wait = t.saturating_add(lag).saturating_sub(now_ns()).max(0) as u64;
+    let mut at = now + Duration::from_nanos(wait);
+    for (i, s) in slots.iter().enumerate() {
+        if !s.done && merge.is_quiet(i) {
+            // A stream that is never inferred (or has input waiting) is released by the
+            // window or by its input, not by this timer.
+            let f = s.infer_from?;
+            if !s.rx.is_empty() {
+                return None;
+            }
+            at = at.max(f);
+        }
+    }
+    (at > now).then_some(at)
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -20,17 +20,22 @@ use std::sync::{
 
 use futures::{stream::BoxStream, StreamExt};
 use lumen_history::{History, HistoryQuery};
+use lumen_proto::relay::NodeState;
 use lumen_proto::{
     field_mask::FlowFieldMask, filter::FlowFilters, flow::Flow, observer::GetFlowsRequest,
 };
 use prost::Message;
 use tonic::Status;
+use tracing::warn;
 
 use crate::{
     observer::Relay,
     request::{FlowQuery, Limit},
-    wire::{ns_timestamp, timestamp_ns, RawResponse},
+    wire::{now_ns, ns_timestamp, timestamp_ns, RawResponse},
 };
+
+/// How long a request waits to learn whether ClickHouse answers.
+const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// A client's responses.
 pub type ResponseStream = BoxStream<'static, Result<RawResponse, Status>>;
@@ -145,77 +150,112 @@ pub fn joined(
         mask,
         relay: relay.clone(),
     };
+    let probe = view.clone();
+    let (fallback, fallback_request) = (relay.clone(), request.clone());
     let relay = relay.clone();
     let original = request.clone();
-    let stream: ResponseStream = match q.limit {
-        Limit::All => {
-            let head = reader.read(past(None, false), None);
-            if !live {
-                head
-            } else {
-                let tail = lazy(move || {
-                    relay.live(live_request(
-                        &original,
-                        seam,
-                        original.number,
-                        false,
-                        original.follow,
-                    ))
-                });
-                head.chain(tail).boxed()
-            }
-        }
-        Limit::First(n) => {
-            let sent = Arc::new(AtomicU64::new(0));
-            let head = reader.read(past(Some(n), true), Some(sent.clone()));
-            if !live {
-                head
-            } else {
-                let tail = lazy(move || {
-                    let k = sent.load(Ordering::Acquire);
-                    if k >= n {
-                        return futures::stream::empty().boxed();
-                    }
-                    relay.live(live_request(&original, seam, n - k, true, original.follow))
-                });
-                head.chain(tail).boxed()
-            }
-        }
-        Limit::Last(n) if !live => reader.read(past(Some(n), false), None),
-        Limit::Last(n) => {
-            // The nodes' last N of [seam, now) first: history supplies only the rest.
-            let stream = async move {
-                let recent: Vec<Result<RawResponse, Status>> = relay
-                    .live(live_request(&original, seam, n, false, false))
-                    .collect()
-                    .await;
-                let flows = recent
-                    .iter()
-                    .filter(|r| r.as_ref().is_ok_and(RawResponse::is_flow))
-                    .count() as u64;
-                let newest = recent
-                    .iter()
-                    .filter_map(|r| r.as_ref().ok())
-                    .filter(|r| r.is_flow())
-                    .filter_map(|r| r.time_ns)
-                    .max();
-                let head = if flows < n {
-                    reader.read(past(Some(n - flows), false), None)
+    let planned = move || -> ResponseStream {
+        match q.limit {
+            Limit::All => {
+                let head = reader.read(past(None, false), None);
+                if !live {
+                    head
                 } else {
-                    futures::stream::empty().boxed()
-                };
-                let mut out = head.chain(futures::stream::iter(recent)).boxed();
-                if original.follow {
-                    let from = newest.map_or(seam, |t| t.saturating_add(1));
-                    let follow =
-                        lazy(move || relay.live(live_request(&original, from, 0, false, true)));
-                    out = out.chain(follow).boxed();
+                    let tail = lazy(move || {
+                        relay.live(live_request(
+                            &original,
+                            seam,
+                            original.number,
+                            false,
+                            original.follow,
+                        ))
+                    });
+                    head.chain(tail).boxed()
                 }
-                out
-            };
-            futures::stream::once(stream).flatten().boxed()
+            }
+            Limit::First(n) => {
+                let sent = Arc::new(AtomicU64::new(0));
+                let head = reader.read(past(Some(n), true), Some(sent.clone()));
+                if !live {
+                    head
+                } else {
+                    let tail = lazy(move || {
+                        let k = sent.load(Ordering::Acquire);
+                        if k >= n {
+                            return futures::stream::empty().boxed();
+                        }
+                        relay.live(live_request(&original, seam, n - k, true, original.follow))
+                    });
+                    head.chain(tail).boxed()
+                }
+            }
+            Limit::Last(n) if !live => reader.read(past(Some(n), false), None),
+            Limit::Last(n) => {
+                // The nodes' last N of [seam, now) first: history supplies only the rest.
+                let stream = async move {
+                    let recent: Vec<Result<RawResponse, Status>> = relay
+                        .live(live_request(&original, seam, n, false, false))
+                        .collect()
+                        .await;
+                    let flows = recent
+                        .iter()
+                        .filter(|r| r.as_ref().is_ok_and(RawResponse::is_flow))
+                        .count() as u64;
+                    let newest = recent
+                        .iter()
+                        .filter_map(|r| r.as_ref().ok())
+                        .filter(|r| r.is_flow())
+                        .filter_map(|r| r.time_ns)
+                        .max();
+                    let head = if flows < n {
+                        reader.read(past(Some(n - flows), false), None)
+                    } else {
+                        futures::stream::empty().boxed()
+                    };
+                    let mut out = head.chain(futures::stream::iter(recent)).boxed();
+                    if original.follow {
+                        let from = newest.map_or(seam, |t| t.saturating_add(1));
+                        let follow =
+                            lazy(move || relay.live(live_request(&original, from, 0, false, true)));
+                        out = out.chain(follow).boxed();
+                    }
+                    out
+                };
+                futures::stream::once(stream).flatten().boxed()
+            }
         }
     };
+    // ClickHouse unreachable: the nodes answer alone (with what their rings still hold),
+    // after a record saying so, rather than no answer at all.
+    let stream = futures::stream::once(async move {
+        let ping = tokio::time::timeout(PING_TIMEOUT, probe.history.reader().ping());
+        let answer = match ping.await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {PING_TIMEOUT:?}")),
+        };
+        match answer {
+            Ok(()) => planned(),
+            Err(e) => {
+                warn!(error = %e, "history unavailable; answering from the nodes only");
+                let name = fallback.settings.relay_name.clone();
+                let record = RawResponse::node_status(
+                    NodeState::NodeError,
+                    vec![name.to_string()],
+                    format!(
+                        "flow history is unavailable ({e}); the nodes answer alone, with what \
+                         their rings still hold"
+                    ),
+                    name,
+                    now_ns(),
+                );
+                futures::stream::once(async move { Ok(record) })
+                    .chain(fallback.live(fallback_request))
+                    .boxed()
+            }
+        }
+    })
+    .flatten()
+    .boxed();
     Ok(Some(stream))
 }
 

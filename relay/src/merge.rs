@@ -3,8 +3,11 @@
 //! Each node ("slot") has a queue kept in time order; a heap over the queues' heads gives
 //! the oldest buffered flow. That flow is sent when nothing older can still come:
 //!
-//! - every *live* slot (its node may still send) whose queue is empty has already sent a
-//!   flow at least as new (streams are in time order per node, so it cannot send older);
+//! - every *live* slot (its node may still send) whose queue is empty is past that time:
+//!   its low watermark, the newest of the last flow it sent (streams are in time order
+//!   per node, so it cannot send older) and of the watermarks it was given
+//!   ([`Merge::advance`]: a node's promise, or the fan-out's inference for a connected
+//!   stream that is idle and caught up, see [`TransitBound`]), is at least as new;
 //! - or, when a window is set (follow mode), some buffered flow has waited the window
 //!   out: a quiet node then costs at most the window in latency, not a stall;
 //! - or the buffer is full (bounded memory beats order).
@@ -36,6 +39,18 @@ struct Slot {
     live: bool,
     /// Newest flow time received from this slot.
     last_time: Option<i64>,
+    /// Newest watermark given for this slot: it sends nothing older.
+    watermark: Option<i64>,
+}
+
+impl Slot {
+    /// Oldest time this slot may still send, as far as is known (`None`: anything).
+    fn low(&self) -> Option<i64> {
+        match (self.last_time, self.watermark) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 /// Counters of one merge.
@@ -140,6 +155,46 @@ impl Merge {
         self.slots.get(slot).and_then(|s| s.last_time)
     }
 
+    /// `slot` will send no flow older than `watermark` (ns, flow time): the merge may send
+    /// older flows of the other slots without waiting for it. Watermarks only move
+    /// forward; a flow that later arrives older than what was sent meanwhile is late.
+    pub fn advance(&mut self, slot: usize, watermark: i64) {
+        let Some(s) = self.slots.get_mut(slot) else {
+            return;
+        };
+        if s.watermark.is_some_and(|w| w >= watermark) {
+            return;
+        }
+        s.watermark = Some(watermark);
+        if s.live && s.queue.is_empty() {
+            self.safe_dirty = true;
+        }
+    }
+
+    /// The slot's low watermark: the newest of its last flow's time and of the watermarks
+    /// it was given.
+    pub fn watermark(&self, slot: usize) -> Option<i64> {
+        self.slots.get(slot).and_then(Slot::low)
+    }
+
+    /// Whether `slot` is live with nothing buffered: only then does it hold the others back.
+    pub fn is_quiet(&self, slot: usize) -> bool {
+        self.slots
+            .get(slot)
+            .is_some_and(|s| s.live && s.queue.is_empty())
+    }
+
+    /// Time of the oldest buffered flow when it cannot be sent yet because some quiet live
+    /// slot is not known to be past it (`None`: nothing waits for a quiet slot). Quiet slots'
+    /// watermarks reaching this time let it go without waiting out the window.
+    pub fn waiting_for(&mut self) -> Option<i64> {
+        let (_, t) = self.peek_head()?;
+        match self.safe_bound() {
+            Some(b) if t <= b => None,
+            _ => Some(t),
+        }
+    }
+
     /// Adds flows from `slot` received at monotonic time `arrival` (ns). Every response
     /// must have `time_ns` set. Flows older than one already sent go to `late` instead.
     pub fn push(
@@ -195,11 +250,11 @@ impl Merge {
     fn safe_bound(&mut self) -> Option<i64> {
         if self.safe_dirty {
             // Live slots with an empty queue may still send anything not older than
-            // their last flow; with nothing received yet they hold everything back.
+            // their low watermark; with no watermark yet they hold everything back.
             let mut bound = Some(i64::MAX);
             for s in &self.slots {
                 if s.live && s.queue.is_empty() {
-                    bound = match (bound, s.last_time) {
+                    bound = match (bound, s.low()) {
                         (Some(b), Some(t)) => Some(b.min(t)),
                         _ => None,
                     };
@@ -313,6 +368,82 @@ impl Merge {
     }
 }
 
+/// How late flows reach the merge: the slowest *transit* (the relay's wall clock when a
+/// flow reached the merge − the flow's time) seen from any node over the last one to two
+/// periods, plus a margin.
+///
+/// The fan-out uses it as an inferred watermark for node streams that are connected and
+/// idle (nothing buffered, nothing waiting in their channel): such a node is taken to have
+/// sent every flow older than `now − bound`, so a node with nothing to say (no traffic, or
+/// nothing matching the client's filters) holds the others back by about the cluster's
+/// transit time instead of the whole sort window. Neither the Observer stream nor the
+/// FlowBatches RPC carries a node's own watermark, so this is an inference: a flow slower
+/// than every flow of the last periods by more than the margin arrives late (counted as a
+/// late flow, as one that misses the window is). The sort window stays the hard limit.
+#[derive(Debug, Clone)]
+pub struct TransitBound {
+    period_ns: i64,
+    /// Wall ns when the current period began (`None`: nothing recorded yet).
+    started: Option<i64>,
+    current: Option<i64>,
+    previous: Option<i64>,
+}
+
+impl TransitBound {
+    /// Margin added to the slowest transit seen: a fraction of it, at least
+    /// [`TransitBound::MIN_MARGIN_NS`].
+    pub const MARGIN_FRACTION: i64 = 2;
+    pub const MIN_MARGIN_NS: i64 = 2_000_000;
+
+    /// `period`: how long an observation counts (one to two periods).
+    pub fn new(period: std::time::Duration) -> Self {
+        Self {
+            period_ns: period.as_nanos().clamp(1, i64::MAX as u128) as i64,
+            started: None,
+            current: None,
+            previous: None,
+        }
+    }
+
+    fn rotate(&mut self, now_ns: i64) {
+        let Some(start) = self.started else {
+            return;
+        };
+        let age = now_ns.saturating_sub(start);
+        if age >= self.period_ns {
+            self.previous = if age < self.period_ns.saturating_mul(2) {
+                self.current
+            } else {
+                None
+            };
+            self.current = None;
+            self.started = Some(now_ns);
+        }
+    }
+
+    /// A flow of time `flow_ns` reached the merge at wall time `now_ns`.
+    pub fn record(&mut self, now_ns: i64, flow_ns: i64) {
+        if self.started.is_none() {
+            self.started = Some(now_ns);
+        }
+        self.rotate(now_ns);
+        // A node whose clock runs ahead shows a negative transit: it is not faster.
+        let transit = now_ns.saturating_sub(flow_ns).max(0);
+        self.current = Some(self.current.map_or(transit, |c| c.max(transit)));
+    }
+
+    /// The slowest recent transit plus the margin (`None`: no flow in the last periods).
+    pub fn bound(&mut self, now_ns: i64) -> Option<i64> {
+        self.rotate(now_ns);
+        let slowest = match (self.current, self.previous) {
+            (Some(a), Some(b)) => a.max(b),
+            (a, b) => a.or(b)?,
+        };
+        let margin = (slowest / Self::MARGIN_FRACTION).max(Self::MIN_MARGIN_NS);
+        Some(slowest.saturating_add(margin))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::{sync::Arc, time::Duration};
@@ -404,6 +535,84 @@ mod tests {
         assert_eq!(times(&out), vec![1, 2]);
         assert_eq!(m.buffered(), 3);
         assert_eq!(m.stats().overflow_released, 2);
+    }
+
+    #[test]
+    fn a_quiet_node_past_a_watermark_holds_nothing_back() {
+        let mut m = Merge::new(Some(Duration::from_secs(3600)), 1000);
+        let (a, quiet, b) = (m.add_slot(), m.add_slot(), m.add_slot());
+        let mut late = Vec::new();
+        let mut out = Vec::new();
+        m.push(a, flows("a", &[10, 20, 30]), 0, &mut late);
+        m.push(b, flows("b", &[15, 40]), 0, &mut late);
+        assert_eq!(
+            m.pop_ready(0, &mut out),
+            0,
+            "the quiet node may send anything"
+        );
+        assert_eq!(m.waiting_for(), Some(10));
+        m.advance(quiet, 25);
+        m.pop_ready(0, &mut out);
+        assert_eq!(
+            times(&out),
+            vec![10, 15, 20],
+            "up to the quiet node's watermark"
+        );
+        assert_eq!(m.waiting_for(), Some(30));
+        // Watermarks only move forward.
+        m.advance(quiet, 5);
+        assert_eq!(m.watermark(quiet), Some(25));
+        // The quiet node sends: its flow is merged in order, and its last flow (27) is its
+        // watermark again until it is given a newer one.
+        m.push(quiet, flows("q", &[27]), 0, &mut late);
+        m.pop_ready(0, &mut out);
+        assert_eq!(times(&out), vec![10, 15, 20, 27]);
+        m.advance(quiet, 35);
+        m.pop_ready(0, &mut out);
+        assert_eq!(times(&out), vec![10, 15, 20, 27, 30]);
+        // Now a's queue is empty: its last flow (30) bounds what b may send.
+        assert!(m.is_quiet(a) && !m.is_quiet(b));
+        m.advance(a, 50);
+        assert_eq!(
+            m.pop_ready(0, &mut out),
+            0,
+            "the quiet node is only past 35"
+        );
+        m.advance(quiet, 50);
+        m.pop_ready(0, &mut out);
+        assert_eq!(times(&out), vec![10, 15, 20, 27, 30, 40]);
+        assert_eq!(m.waiting_for(), None);
+        // A flow older than its node's watermark but not yet passed is still in order;
+        // one older than what was sent is late.
+        m.push(b, flows("b", &[35, 45]), 0, &mut late);
+        assert_eq!(times(&late), vec![35]);
+        m.pop_ready(0, &mut out);
+        assert_eq!(times(&out), vec![10, 15, 20, 27, 30, 40, 45]);
+        let s = m.stats();
+        assert_eq!((s.window_released, s.overflow_released, s.late), (0, 0, 1));
+    }
+
+    #[test]
+    fn the_transit_bound_is_the_slowest_recent_transit_plus_a_margin() {
+        let ms = 1_000_000i64;
+        let mut t = TransitBound::new(Duration::from_secs(1));
+        let t0 = 1_000_000 * ms;
+        assert_eq!(t.bound(t0), None, "nothing seen");
+        t.record(t0, t0 - 10 * ms);
+        t.record(t0 + 5 * ms, t0 + 2 * ms);
+        assert_eq!(t.bound(t0 + 6 * ms), Some(15 * ms), "10 ms + half of it");
+        t.record(t0 + 10 * ms, t0 + 9 * ms);
+        assert_eq!(t.bound(t0 + 10 * ms), Some(15 * ms));
+        // Still counted in the next period...
+        t.record(t0 + 1100 * ms, t0 + 1099 * ms);
+        assert_eq!(t.bound(t0 + 1100 * ms), Some(15 * ms));
+        // ...not after it: the small margin applies to a small transit.
+        assert_eq!(t.bound(t0 + 2200 * ms), Some(3 * ms));
+        // Nothing seen for two periods: no bound.
+        assert_eq!(t.bound(t0 + 9000 * ms), None);
+        // A clock ahead of the relay's is not a negative transit.
+        t.record(t0 + 9000 * ms, t0 + 9500 * ms);
+        assert_eq!(t.bound(t0 + 9000 * ms), Some(2 * ms));
     }
 
     #[test]

@@ -19,6 +19,7 @@ use std::{
 use lumen_lab::Lab;
 use lumen_proto::observer::{
     get_flows_response::ResponseTypes, observer_client::ObserverClient, GetFlowsRequest,
+    ServerStatusRequest,
 };
 
 fn free_port() -> u16 {
@@ -516,7 +517,7 @@ fn a_relay_killed_and_restarted_leaves_no_gap_in_history() {
     if !lumen_lab::require_privileges("a_relay_killed_and_restarted_leaves_no_gap_in_history") {
         return;
     }
-    let ch = history_common::ClickHouse::start();
+    let mut ch = history_common::ClickHouse::start();
     let spool = tempfile::tempdir().unwrap();
     let mut lab = Lab::new("relay-resume").expect("lab");
     let client = lab.add_pod("client").expect("pod");
@@ -570,6 +571,53 @@ fn a_relay_killed_and_restarted_leaves_no_gap_in_history() {
     std::thread::sleep(Duration::from_millis(800));
     traffic(2);
     std::thread::sleep(Duration::from_millis(1500));
+
+    // ClickHouse down: a --since query is still answered, by the nodes alone, after a
+    // record saying history is unavailable.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let relay_url = format!("http://{}", relay.address);
+    ch.stop();
+    let (status, flows) = rt.block_on(async {
+        let mut c = ObserverClient::connect(relay_url.clone()).await.unwrap();
+        let mut s = c
+            .get_flows(GetFlowsRequest {
+                since: Some(timestamp(first_start)),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let (mut status, mut flows) = (Vec::new(), 0);
+        while let Some(r) = s.message().await.unwrap() {
+            match r.response_types {
+                Some(ResponseTypes::NodeStatus(n)) => status.push(n.message),
+                Some(ResponseTypes::Flow(_)) => flows += 1,
+                _ => {}
+            }
+        }
+        (status, flows)
+    });
+    assert!(
+        status
+            .iter()
+            .any(|m| m.contains("flow history is unavailable")),
+        "{status:?}"
+    );
+    assert!(flows > 0, "the nodes answered");
+    ch.restart();
+    // Whatever was spooled meanwhile is inserted.
+    wait_for("history to drain its spool", || {
+        let s = rt.block_on(async {
+            let mut c = ObserverClient::connect(relay_url.clone()).await.unwrap();
+            c.server_status(ServerStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+        });
+        s.sinks
+            .iter()
+            .any(|k| k.name == "history" && k.healthy && k.queued == 0)
+    });
     drop(http);
     lab.remove_pod("client").expect("remove");
     lab.remove_pod("server").expect("remove");
@@ -583,7 +631,6 @@ fn a_relay_killed_and_restarted_leaves_no_gap_in_history() {
         "SELECT toInt64(min(toInt64(toUInt32(time)) * 1000000000 + time_ns)) FROM lumen_resume.flows",
     ) as i64;
     assert!(first_stored >= first_start, "history starts with the relay");
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let expected = rt.block_on(served_since(
         &format!("http://{}", node.address),
         first_stored,
