@@ -4,123 +4,16 @@ mod common;
 
 use std::process::Command;
 
-use common::{chdb_available, chdb_script, flows, now_ns};
+use common::{chdb_available, chdb_script, flows, now_ns, reader_cases, MIN_NS};
 use lumen_history::queries::{self, SqlQuery};
 use lumen_history::row::{Delta, FlowRow};
 use lumen_history::schema::{self, tables, Flavor, Layout, Retention};
-use lumen_history::{HistoryConfig, HistoryQuery, HistoryReader, SchemaInfo};
+use lumen_history::{HistoryConfig, HistoryReader, SchemaInfo};
 use lumen_proto::filter::FlowFilters;
-use lumen_proto::flow::{Flow, FlowFilter, Verdict};
+use lumen_proto::flow::{Flow, Verdict};
 use serde_json::{json, Value};
 
-const MIN_NS: i64 = 60_000_000_000;
 const DB: &str = "lumen";
-
-fn reader_cases(start: i64) -> Vec<(&'static str, HistoryQuery)> {
-    vec![
-        ("all", HistoryQuery::default()),
-        (
-            "drops",
-            HistoryQuery {
-                whitelist: vec![FlowFilter {
-                    verdict: vec![Verdict::Dropped as i32],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            },
-        ),
-        (
-            "pod and port",
-            HistoryQuery {
-                whitelist: vec![FlowFilter {
-                    source_pod: vec!["shop/web".into()],
-                    destination_port: vec!["8080".into()],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            },
-        ),
-        (
-            "cidr",
-            HistoryQuery {
-                whitelist: vec![FlowFilter {
-                    destination_ip: vec!["10.2.0.0/16".into()],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            },
-        ),
-        (
-            "exact ip",
-            HistoryQuery {
-                whitelist: vec![FlowFilter {
-                    source_ip: vec!["10.1.1.10".into()],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            },
-        ),
-        (
-            "node glob",
-            HistoryQuery {
-                whitelist: vec![FlowFilter {
-                    node_name: vec!["lumen/node-*".into()],
-                    ip_version: vec![1],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            },
-        ),
-        (
-            "workload blacklist",
-            HistoryQuery {
-                whitelist: vec![FlowFilter {
-                    destination_workload: vec![lumen_proto::flow::Workload {
-                        name: "db".into(),
-                        kind: "statefulset".into(),
-                    }],
-                    ..Default::default()
-                }],
-                blacklist: vec![FlowFilter {
-                    reply: vec![true],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            },
-        ),
-        (
-            "label (superset)",
-            HistoryQuery {
-                whitelist: vec![FlowFilter {
-                    source_label: vec!["k8s:app=web".into()],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            },
-        ),
-        (
-            "window and last 10",
-            HistoryQuery {
-                since_ns: Some(start + MIN_NS),
-                until_ns: Some(start + 2 * MIN_NS),
-                limit: Some(10),
-                ..Default::default()
-            },
-        ),
-        (
-            "first 3 udp",
-            HistoryQuery {
-                whitelist: vec![FlowFilter {
-                    protocol: vec!["udp".into()],
-                    ..Default::default()
-                }],
-                limit: Some(3),
-                first: true,
-                ..Default::default()
-            },
-        ),
-    ]
-}
 
 fn q(name: &str, sql: String) -> Value {
     json!({"name": name, "sql": sql})

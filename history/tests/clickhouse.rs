@@ -8,15 +8,15 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{assert_rollups_agree, config, flows, metrics, now_ns, ClickHouse};
+use common::{
+    assert_rollups_agree, config, flows, metrics, now_ns, reader_cases, ClickHouse, MIN_NS,
+};
 use lumen_history::row::{Delta, FlowRow};
 use lumen_history::schema::{Flavor, Layout};
 use lumen_history::spool::{Batch, Spool};
-use lumen_history::{migrate, retention, History, HistoryQuery};
+use lumen_history::{migrate, retention, History};
 use lumen_proto::filter::FlowFilters;
-use lumen_proto::flow::{Flow, FlowFilter, TcpFlags, Verdict, Workload};
-
-const MIN_NS: i64 = 60_000_000_000;
+use lumen_proto::flow::{Flow, Verdict};
 
 fn block<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
@@ -181,136 +181,7 @@ async fn writes_every_flow_once_rollups_agree_and_reader_filters_like_get_flows(
         v.sort_by_key(key);
         v
     };
-    let wl = |name: &str| Workload {
-        name: name.into(),
-        kind: String::new(),
-    };
-    let cases: Vec<(&str, HistoryQuery)> = vec![
-        (
-            "drops",
-            HistoryQuery {
-                whitelist: vec![FlowFilter {
-                    verdict: vec![Verdict::Dropped as i32],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            },
-        ),
-        (
-            "pod prefix",
-            HistoryQuery {
-                whitelist: vec![FlowFilter {
-                    source_pod: vec!["shop/web".into()],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            },
-        ),
-        (
-            "label selector (not pushed down)",
-            HistoryQuery {
-                whitelist: vec![FlowFilter {
-                    destination_label: vec!["k8s:app=db".into()],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            },
-        ),
-        (
-            "cidr + port",
-            HistoryQuery {
-                whitelist: vec![FlowFilter {
-                    destination_ip: vec!["10.2.0.0/16".into()],
-                    destination_port: vec!["5432".into()],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            },
-        ),
-        (
-            "node glob, two whitelist filters",
-            HistoryQuery {
-                whitelist: vec![
-                    FlowFilter {
-                        node_name: vec!["lumen/node-1".into()],
-                        protocol: vec!["udp".into()],
-                        ..Default::default()
-                    },
-                    FlowFilter {
-                        tcp_flags: vec![TcpFlags {
-                            syn: true,
-                            ack: true,
-                            ..Default::default()
-                        }],
-                        reply: vec![true],
-                        ..Default::default()
-                    },
-                ],
-                ..Default::default()
-            },
-        ),
-        (
-            "workload, blacklist namespace and label",
-            HistoryQuery {
-                whitelist: vec![FlowFilter {
-                    destination_workload: vec![wl("db")],
-                    ..Default::default()
-                }],
-                blacklist: vec![
-                    FlowFilter {
-                        source_pod: vec!["monitoring/".into()],
-                        ..Default::default()
-                    },
-                    FlowFilter {
-                        source_label: vec!["app=api".into()],
-                        ..Default::default()
-                    },
-                ],
-                ..Default::default()
-            },
-        ),
-        (
-            "http never matches history",
-            HistoryQuery {
-                whitelist: vec![FlowFilter {
-                    http_method: vec!["GET".into()],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            },
-        ),
-        (
-            "time window",
-            HistoryQuery {
-                since_ns: Some(start + MIN_NS),
-                until_ns: Some(start + 2 * MIN_NS),
-                ..Default::default()
-            },
-        ),
-        (
-            "last 25 drops",
-            HistoryQuery {
-                whitelist: vec![FlowFilter {
-                    verdict: vec![2],
-                    ..Default::default()
-                }],
-                limit: Some(25),
-                ..Default::default()
-            },
-        ),
-        (
-            "first 7 with a label",
-            HistoryQuery {
-                whitelist: vec![FlowFilter {
-                    source_label: vec!["k8s:app=web".into()],
-                    ..Default::default()
-                }],
-                limit: Some(7),
-                first: true,
-                ..Default::default()
-            },
-        ),
-    ];
+    let cases = reader_cases(start);
     for (name, q) in cases {
         let filters = FlowFilters::compile(&q.whitelist, &q.blacklist).expect("valid filters");
         let in_time = |f: &&Flow| {

@@ -7,11 +7,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lumen_history::{HistoryConfig, HistoryMetrics};
+use lumen_history::{HistoryConfig, HistoryMetrics, HistoryQuery};
 use lumen_proto::flow::{
-    layer4::Protocol, CiliumEventType, Endpoint, Flow, FlowCounters, IcmPv4, Ip, Layer4,
-    LumenEventKind, Policy, Tcp, TcpFlags, Udp, Verdict, Workload,
+    layer4::Protocol, CiliumEventType, Endpoint, Flow, FlowCounters, FlowFilter, IcmPv4, Ip,
+    Layer4, LumenEventKind, Policy, Tcp, TcpFlags, Udp, Verdict, Workload,
 };
+
+/// One minute in nanoseconds.
+pub const MIN_NS: i64 = 60_000_000_000;
 
 const SERVER: &str = "clickhouse-server";
 const CONFIG: &str = "/etc/clickhouse-server/config.xml";
@@ -559,4 +562,231 @@ pub fn assert_rollups_agree(ch: &ClickHouse, db: &str) {
         counts(&rollup),
         "latency_1m samples disagree with flows"
     );
+}
+
+/// `GetFlows`-shaped history queries over [`flows`]' data starting at `start`: every
+/// filter kind the reader pushes down (or leaves to the matcher), limits and time windows.
+/// Checked against an oracle on 18.16 (`clickhouse.rs`) and on chDB (`chdb.rs`).
+pub fn reader_cases(start: i64) -> Vec<(&'static str, HistoryQuery)> {
+    let wl = |name: &str| Workload {
+        name: name.into(),
+        kind: String::new(),
+    };
+    vec![
+        (
+            "drops",
+            HistoryQuery {
+                whitelist: vec![FlowFilter {
+                    verdict: vec![Verdict::Dropped as i32],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        ),
+        (
+            "pod prefix",
+            HistoryQuery {
+                whitelist: vec![FlowFilter {
+                    source_pod: vec!["shop/web".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        ),
+        (
+            "label selector (not pushed down)",
+            HistoryQuery {
+                whitelist: vec![FlowFilter {
+                    destination_label: vec!["k8s:app=db".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        ),
+        (
+            "cidr + port",
+            HistoryQuery {
+                whitelist: vec![FlowFilter {
+                    destination_ip: vec!["10.2.0.0/16".into()],
+                    destination_port: vec!["5432".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        ),
+        (
+            "node glob, two whitelist filters",
+            HistoryQuery {
+                whitelist: vec![
+                    FlowFilter {
+                        node_name: vec!["lumen/node-1".into()],
+                        protocol: vec!["udp".into()],
+                        ..Default::default()
+                    },
+                    FlowFilter {
+                        tcp_flags: vec![TcpFlags {
+                            syn: true,
+                            ack: true,
+                            ..Default::default()
+                        }],
+                        reply: vec![true],
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            },
+        ),
+        (
+            "workload, blacklist namespace and label",
+            HistoryQuery {
+                whitelist: vec![FlowFilter {
+                    destination_workload: vec![wl("db")],
+                    ..Default::default()
+                }],
+                blacklist: vec![
+                    FlowFilter {
+                        source_pod: vec!["monitoring/".into()],
+                        ..Default::default()
+                    },
+                    FlowFilter {
+                        source_label: vec!["app=api".into()],
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            },
+        ),
+        (
+            "http never matches history",
+            HistoryQuery {
+                whitelist: vec![FlowFilter {
+                    http_method: vec!["GET".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        ),
+        (
+            "time window",
+            HistoryQuery {
+                since_ns: Some(start + MIN_NS),
+                until_ns: Some(start + 2 * MIN_NS),
+                ..Default::default()
+            },
+        ),
+        (
+            "last 25 drops",
+            HistoryQuery {
+                whitelist: vec![FlowFilter {
+                    verdict: vec![2],
+                    ..Default::default()
+                }],
+                limit: Some(25),
+                ..Default::default()
+            },
+        ),
+        (
+            "first 7 with a label",
+            HistoryQuery {
+                whitelist: vec![FlowFilter {
+                    source_label: vec!["k8s:app=web".into()],
+                    ..Default::default()
+                }],
+                limit: Some(7),
+                first: true,
+                ..Default::default()
+            },
+        ),
+        ("all", HistoryQuery::default()),
+        (
+            "pod and port",
+            HistoryQuery {
+                whitelist: vec![FlowFilter {
+                    source_pod: vec!["shop/web".into()],
+                    destination_port: vec!["8080".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        ),
+        (
+            "cidr",
+            HistoryQuery {
+                whitelist: vec![FlowFilter {
+                    destination_ip: vec!["10.2.0.0/16".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        ),
+        (
+            "exact ip",
+            HistoryQuery {
+                whitelist: vec![FlowFilter {
+                    source_ip: vec!["10.1.1.10".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        ),
+        (
+            "node glob",
+            HistoryQuery {
+                whitelist: vec![FlowFilter {
+                    node_name: vec!["lumen/node-*".into()],
+                    ip_version: vec![1],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        ),
+        (
+            "workload blacklist",
+            HistoryQuery {
+                whitelist: vec![FlowFilter {
+                    destination_workload: vec![lumen_proto::flow::Workload {
+                        name: "db".into(),
+                        kind: "statefulset".into(),
+                    }],
+                    ..Default::default()
+                }],
+                blacklist: vec![FlowFilter {
+                    reply: vec![true],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        ),
+        (
+            "label (superset)",
+            HistoryQuery {
+                whitelist: vec![FlowFilter {
+                    source_label: vec!["k8s:app=web".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        ),
+        (
+            "window and last 10",
+            HistoryQuery {
+                since_ns: Some(start + MIN_NS),
+                until_ns: Some(start + 2 * MIN_NS),
+                limit: Some(10),
+                ..Default::default()
+            },
+        ),
+        (
+            "first 3 udp",
+            HistoryQuery {
+                whitelist: vec![FlowFilter {
+                    protocol: vec!["udp".into()],
+                    ..Default::default()
+                }],
+                limit: Some(3),
+                first: true,
+                ..Default::default()
+            },
+        ),
+    ]
 }
