@@ -318,7 +318,7 @@ fn try_observe(ctx: &TcContext, hook: u8, cpu: &mut CpuState) -> Result<i32, Cou
     // The endpoint is looked up only when a verdict is decided or an event is written,
     // keeping it off the established-flow path.
     // SAFETY: map value valid for the program run.
-    let endpoint = || -> Option<&'static EndpointValue> { unsafe { ENDPOINTS.get(&ifindex) } };
+    let endpoint = || -> Option<&'static EndpointValue> { unsafe { ENDPOINTS.get(ifindex) } };
 
     // Packets leaving the endpoint hit TC ingress of its host-side interface.
     let pkt_dir = if hook == hook::TC_INGRESS {
@@ -572,7 +572,7 @@ fn emit(
         count(Counter::RingReserveFailed, 1);
         return;
     };
-    let (endpoint_id, ep_identity) = match unsafe { ENDPOINTS.get(&ifindex) } {
+    let (endpoint_id, ep_identity) = match unsafe { ENDPOINTS.get(ifindex) } {
         Some(ep) => (ep.endpoint_id, ep.identity),
         None => (0, 0),
     };
