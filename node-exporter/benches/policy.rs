@@ -2,18 +2,22 @@
 //! - per-packet cost of the TC programs with BPF_PROG_TEST_RUN, established-flow and
 //!   new-flow paths, with no policy and with 1,000 policies and 10,000 identities loaded,
 //!   next to the empty TC program;
-//! - time from a policy file change to enforcement in the kernel with 1,000 policies:
-//!   file write -> `PolicyFiles::reload` -> `compile` -> `desired_maps` -> `sync_maps` ->
-//!   generation bump, checked with a packet that the new policy decides differently.
+//! - compile time of the whole policy set: `compile_reference` (the direct computation:
+//!   every peer identity and port interval through the evaluator, what the node did
+//!   before the indexed compiler) next to `compile` (indexed), checked equal;
+//! - time from a policy file change to enforcement in the kernel, the node's real path:
+//!   file write -> `PolicyEngine::reload_files` (reparses the changed file) ->
+//!   `PolicyEngine::apply` (policy list, incremental compile, map delta, sync,
+//!   generation bump), per stage, checked with a packet the new policy decides
+//!   differently; then the same change through full compiles, side by side.
 //!
 //! Scale knobs (environment): `LUMEN_BENCH_POLICIES` (1000), `LUMEN_BENCH_IDENTITIES`
 //! (10000), `LUMEN_BENCH_LOCAL_ENDPOINTS` (pods on this node, 1), `LUMEN_BENCH_CHANGES`
-//! (policy changes timed, 1). `compile` is linear in local endpoints and identities and
-//! dominates the run (minutes at the default scale): the figures say where its time goes.
+//! (policy changes timed, 5), `LUMEN_BENCH_REFERENCE` (0 skips `compile_reference`, which
+//! takes seconds per local endpoint at the default scale).
 
 use std::{
     fmt::Write as _,
-    hint::black_box,
     net::{IpAddr, Ipv4Addr},
     os::fd::{AsFd as _, OwnedFd},
     path::Path,
@@ -24,14 +28,12 @@ use aya::maps::{MapData, RingBuf};
 use lumen_datapath_common::{program_names, DatapathConfig};
 use lumen_node_exporter::{
     datapath::{Datapath, LoadOptions},
-    policy::{desired_maps, DesiredMaps, PolicyFiles},
+    policy::{desired_maps, ApplyStats, PolicyEngine},
     test_run::{self, packets},
 };
 use lumen_policy::{
-    compile::{compile, CompiledPolicy},
-    evaluate,
-    model::PeerInfo,
-    Direction, EndpointIndex, EndpointsFile, EnforcementMode, IdentityAllocator, Policy,
+    compile::{compile, compile_reference, CompiledPolicy},
+    EndpointIndex, EndpointsFile, EnforcementMode, IdentityAllocator, Policy,
 };
 
 const NODE: &str = "node-1";
@@ -58,7 +60,8 @@ fn main() {
         policies: env_usize("LUMEN_BENCH_POLICIES", 1000),
         identities: env_usize("LUMEN_BENCH_IDENTITIES", 10_000),
         local_endpoints: env_usize("LUMEN_BENCH_LOCAL_ENDPOINTS", 1).max(1),
-        changes: env_usize("LUMEN_BENCH_CHANGES", 1).max(1),
+        changes: env_usize("LUMEN_BENCH_CHANGES", 5).max(1),
+        reference: env_usize("LUMEN_BENCH_REFERENCE", 1) != 0,
     };
     println!(
         "scale: {} policies, {} endpoint identities, {} local endpoint(s) on {NODE}",
@@ -87,6 +90,7 @@ struct Scale {
     identities: usize,
     local_endpoints: usize,
     changes: usize,
+    reference: bool,
 }
 
 fn endpoint_ip(i: usize) -> Ipv4Addr {
@@ -232,18 +236,13 @@ struct Bench {
     pol: Dp,
     index: EndpointIndex,
     dir: tempfile::TempDir,
-    files: PolicyFiles,
+    /// The node's policy state for `pol`: files, compiler, programmed maps.
+    engine: PolicyEngine,
     apps: usize,
     next_port: u16,
     next_peer: usize,
-    /// What is programmed into `pol`.
-    loaded: Option<Loaded>,
-}
-
-struct Loaded {
-    policies: Vec<Policy>,
-    desired: DesiredMaps,
-    generation: u32,
+    /// Full compile times of the initial load (ms): reference, indexed.
+    full_compile: (Option<f64>, f64),
 }
 
 impl Bench {
@@ -262,16 +261,17 @@ impl Bench {
             ms(t_parse),
             ms(t.elapsed())
         );
+        let dir = tempfile::tempdir().expect("temp dir");
         Bench {
             none: Dp::load(),
             pol: Dp::load(),
             index,
-            dir: tempfile::tempdir().expect("temp dir"),
-            files: PolicyFiles::default(),
+            engine: PolicyEngine::new(Some(dir.path().to_path_buf()), EnforcementMode::Enforce),
+            dir,
             apps: scale.identities.div_ceil(NAMESPACES).max(1),
             next_port: 1024,
             next_peer: 1,
-            loaded: None,
+            full_compile: (None, 0.0),
         }
     }
 
@@ -322,54 +322,66 @@ impl Bench {
         Some(if i as usize == SUBJECT { 1 } else { 1000 + i })
     }
 
-    /// Writes the policy files and loads them: the initial load of a node.
+    /// Writes the policy files and loads them through the engine: the initial load of a
+    /// node. Also times the whole-set compilers on the same input.
     fn load_policies(&mut self, scale: &Scale) -> String {
         let t = Instant::now();
         write_policies(self.dir.path(), scale, self.apps, None);
-        let outcomes = self.files.reload(self.dir.path());
-        let policies = self.files.policies();
+        self.engine
+            .reload_files(&mut |e| panic!("policy file rejected: {e}"));
         let t_load = t.elapsed();
-        let t = Instant::now();
-        let compiled = compile(&policies, &self.index, NODE, EnforcementMode::Enforce);
-        let t_compile = t.elapsed();
-        let t = Instant::now();
-        let desired = desired_maps(&self.index, &compiled, NODE, &Bench::ifindex_of);
-        let t_desired = t.elapsed();
-        let t = Instant::now();
-        self.pol
-            .dp
-            .sync_maps(&DesiredMaps::default(), &desired)
-            .expect("sync maps");
-        self.pol.dp.set_policy_generation(1).expect("generation");
-        let t_sync = t.elapsed();
+        self.engine
+            .apply(&mut self.pol.dp, &self.index, NODE, &Bench::ifindex_of)
+            .expect("apply policy");
+        let s = self.engine.last_apply.clone();
+        let policies = self.engine.policies.read().expect("policies").clone();
         println!(
-            "  initial policy load: {} files, {} policies: write+parse {:.0} ms, compile {:.0} ms, desired maps {:.0} ms, map sync {:.0} ms",
-            outcomes.len(),
+            "  initial policy load: {} policies: write+parse {:.0} ms, then apply {:.0} ms (list {:.1}, compile {:.1} [{}], map plan {:.1}, map sync {:.1})",
             policies.len(),
             ms(t_load),
-            ms(t_compile),
-            ms(t_desired),
-            ms(t_sync)
+            ms(s.total()),
+            ms(s.collect),
+            ms(s.compile),
+            if s.full_compile { "full" } else { "incremental" },
+            ms(s.plan),
+            ms(s.sync),
         );
-        print_compile_work(&policies, &self.index, &compiled, t_compile);
-        evaluate_cost(&policies, &self.index, &compiled);
+        let t = Instant::now();
+        let indexed = compile(&policies, &self.index, NODE, EnforcementMode::Enforce);
+        let t_indexed = t.elapsed();
+        let reference = scale.reference.then(|| {
+            let t = Instant::now();
+            let r = compile_reference(&policies, &self.index, NODE, EnforcementMode::Enforce);
+            (r, t.elapsed())
+        });
+        if let Some((r, took)) = &reference {
+            print_compile_work(&policies, &self.index, r, *took);
+        }
+        println!(
+            "  whole-set compile: compile_reference {}, compile (indexed) {:.1} ms{}",
+            reference
+                .as_ref()
+                .map_or("skipped".into(), |(_, t)| format!("{:.0} ms", ms(*t))),
+            ms(t_indexed),
+            match &reference {
+                Some((r, _)) if *r == indexed => "; results identical",
+                Some(_) => "; RESULTS DIFFER",
+                None => "",
+            }
+        );
+        self.full_compile = (reference.map(|(_, t)| ms(t)), ms(t_indexed));
+        let desired = &self.engine.maps.programmed;
         println!(
             "  kernel maps: {} ipcache entries, {} policy entries, {} endpoints",
             desired.ipcache.len(),
             desired.policy.len(),
             desired.endpoints.len()
         );
-        let note = format!(
+        format!(
             "{} policies/{} ids",
             policies.len(),
             self.index.identities().iter().count()
-        );
-        self.loaded = Some(Loaded {
-            policies,
-            desired,
-            generation: 1,
-        });
-        note
+        )
     }
 
     fn per_packet_cost(&mut self, scale: &Scale) {
@@ -505,16 +517,16 @@ impl Bench {
     /// subject) gets a new allowed port; a SYN to it goes from dropped to forwarded.
     fn policy_change(&mut self, scale: &Scale) {
         println!(
-            "policy change -> enforced in the kernel ({} policies, file rewritten in place):",
-            scale.policies
+            "policy change -> enforced in the kernel ({} policies, {} identities, {} local endpoint(s); one file of {} rewritten in place):",
+            scale.policies,
+            scale.identities,
+            scale.local_endpoints,
+            NAMESPACES.min(scale.policies)
         );
-        let Some(mut loaded) = self.loaded.take() else {
-            return;
-        };
         // Policy 0 allows app a{(0 * 13 + 7) % apps} of namespace ns0 (see policy_yaml).
         let from_app = 7 % self.apps;
         let allowed_peer = IpAddr::V4(endpoint_ip(from_app * NAMESPACES));
-        let mut totals = Vec::new();
+        let mut runs: Vec<(Duration, Duration, ApplyStats)> = Vec::new();
         for k in 0..scale.changes {
             let port = 7001 + k as u16;
             let before = self.probe(allowed_peer, port);
@@ -522,81 +534,98 @@ impl Bench {
             write_policies(self.dir.path(), scale, self.apps, Some(port));
             let t_write = t0.elapsed();
             let t = Instant::now();
-            let outcomes = self.files.reload(self.dir.path());
-            let policies = self.files.policies();
+            let mut reparsed = 0;
+            let changed = self.engine.reload_files(&mut |e| panic!("rejected: {e}"));
             let t_reload = t.elapsed();
-            let t = Instant::now();
-            let compiled = compile(&policies, &self.index, NODE, EnforcementMode::Enforce);
-            let t_compile = t.elapsed();
-            let t = Instant::now();
-            let desired = desired_maps(&self.index, &compiled, NODE, &Bench::ifindex_of);
-            let t_desired = t.elapsed();
-            let t = Instant::now();
-            self.pol
-                .dp
-                .sync_maps(&loaded.desired, &desired)
-                .expect("sync maps");
-            let t_sync = t.elapsed();
-            let t = Instant::now();
-            loaded.generation += 1;
-            self.pol
-                .dp
-                .set_policy_generation(loaded.generation)
-                .expect("generation");
-            let t_bump = t.elapsed();
+            if changed {
+                reparsed += 1;
+            }
+            self.engine
+                .apply(&mut self.pol.dp, &self.index, NODE, &Bench::ifindex_of)
+                .expect("apply policy");
             let total = t0.elapsed();
             let after = self.probe(allowed_peer, port);
-            let changed_entries = desired
-                .policy
-                .iter()
-                .filter(|(k, v)| loaded.desired.policy.get(*k) != Some(*v))
-                .count()
-                + loaded
-                    .desired
-                    .policy
-                    .keys()
-                    .filter(|k| !desired.policy.contains_key(*k))
-                    .count();
+            let s = self.engine.last_apply.clone();
             println!(
-                "  change {}: {:>8.1} ms total (write {:.1}, reload {:.1} [{} file(s) reparsed], compile {:.1}, desired maps {:.1}, map sync {:.1} [{} entries changed], generation bump {:.2}); port {port}: TC action {before} -> {after}{}",
+                "  change {}: {:>6.1} ms total: write {:.2}, reload {:.1} [{reparsed} file reparsed], list {:.1}, compile {:.1} [{} of {} endpoint(s), {}], map plan {:.2}, map sync {:.2} [{} written, {} removed; ipcache {}/{}], generation bump {:.2}; port {port}: TC action {before} -> {after}{}",
                 k + 1,
                 ms(total),
                 ms(t_write),
                 ms(t_reload),
-                outcomes.len(),
-                ms(t_compile),
-                ms(t_desired),
-                ms(t_sync),
-                changed_entries,
-                ms(t_bump),
+                ms(s.collect),
+                ms(s.compile),
+                s.endpoints_recompiled,
+                s.endpoints,
+                if s.full_compile { "full" } else { "incremental" },
+                ms(s.plan),
+                ms(s.sync),
+                s.policy_written,
+                s.policy_removed,
+                s.ipcache_written,
+                s.ipcache_removed,
+                ms(s.bump),
                 if before == 2 && after != 2 { " (enforced)" } else { " (UNEXPECTED: the change did not flip the verdict)" }
             );
-            totals.push((
-                total,
-                t_compile,
-                t_sync + t_desired + t_bump,
-                t_write + t_reload,
-            ));
-            loaded.desired = desired;
-            loaded.policies = policies;
+            runs.push((total, t_write + t_reload, s));
         }
-        let n = totals.len() as f64;
-        let mean = |f: fn(&(Duration, Duration, Duration, Duration)) -> Duration| {
-            totals.iter().map(|t| ms(f(t))).sum::<f64>() / n
+        let n = runs.len() as f64;
+        let mean = |f: &dyn Fn(&(Duration, Duration, ApplyStats)) -> Duration| {
+            runs.iter().map(|r| ms(f(r))).sum::<f64>() / n
+        };
+        let (total, reload, list, compile_ms, maps) = (
+            mean(&|r| r.0),
+            mean(&|r| r.1),
+            mean(&|r| r.2.collect),
+            mean(&|r| r.2.compile),
+            mean(&|r| r.2.plan + r.2.sync + r.2.bump),
+        );
+        let mut worst = runs.iter().map(|r| ms(r.0)).collect::<Vec<_>>();
+        worst.sort_by(f64::total_cmp);
+        println!(
+            "  mean over {} changes: {total:.1} ms file change -> enforced (max {:.1}; goal < 100 ms): write + reparse {reload:.1}, policy list {list:.1}, incremental compile {compile_ms:.1}, maps (plan + sync + bump) {maps:.1}",
+            runs.len(),
+            worst.last().copied().unwrap_or(0.0)
+        );
+        // The same change through the whole-set compilers (timed on the final policy set;
+        // the maps are then built whole, as before `MapState`).
+        let policies = self.engine.policies.read().expect("policies").clone();
+        let t = Instant::now();
+        let compiled = compile(&policies, &self.index, NODE, EnforcementMode::Enforce);
+        let indexed = ms(t.elapsed());
+        let t = Instant::now();
+        let desired = desired_maps(&self.index, &compiled, NODE, &Bench::ifindex_of);
+        let whole_maps = ms(t.elapsed());
+        drop(desired);
+        let (reference, _) = self.full_compile;
+        let row = |name: &str, compile_ms: f64, maps_ms: f64| {
+            println!(
+                "    {name:<44} {reload:>8.1} {list:>6.1} {compile_ms:>9.1} {maps_ms:>8.1} {:>9.1}",
+                reload + list + compile_ms + maps_ms
+            );
         };
         println!(
-            "  mean over {} changes: {:.1} ms file change -> enforced (goal < 100 ms): compile {:.1} ms, maps (desired + sync + bump) {:.1} ms, write + reload {:.1} ms",
-            totals.len(),
-            mean(|t| t.0),
-            mean(|t| t.1),
-            mean(|t| t.2),
-            mean(|t| t.3)
+            "  side by side, ms per change (the two full rows reuse this run's reparse, list and map sync figures):\n    {:<44} {:>8} {:>6} {:>9} {:>8} {:>9}",
+            "path", "reparse", "list", "compile", "maps", "total"
         );
-        self.loaded = Some(loaded);
+        let sync = mean(&|r| r.2.sync + r.2.bump);
+        match reference {
+            Some(r) => row(
+                "compile_reference + whole maps (before)",
+                r,
+                whole_maps + sync,
+            ),
+            None => println!("    compile_reference skipped (LUMEN_BENCH_REFERENCE=0)"),
+        }
+        row("compile (indexed) + whole maps", indexed, whole_maps + sync);
+        row(
+            "incremental compile + map delta (node path)",
+            compile_ms,
+            maps,
+        );
     }
 }
 
-/// Where compile's time goes: it evaluates every (local endpoint, direction, peer
+/// Where `compile_reference`'s time goes: it evaluates every (local endpoint, direction, peer
 /// identity, port-interval cell) against the whole policy set.
 fn print_compile_work(
     policies: &[Policy],
@@ -646,55 +675,6 @@ fn compile_shape(
     let intervals = bounds.iter().filter(|b| **b <= 65535).count();
     // Per peer: "any other protocol", TCP/UDP/SCTP per interval, ICMP, ICMPv6.
     (local, peers + 1, 1 + 3 * intervals + 2, intervals)
-}
-
-/// The cost of one `evaluate()` call (what `compile` makes per peer and port cell) with the
-/// whole policy set, and with only the policies that have a spec selecting the endpoint (the
-/// only ones that can change its verdicts).
-fn evaluate_cost(policies: &[Policy], index: &EndpointIndex, compiled: &CompiledPolicy) {
-    let Some(ep) = index.get_ip(IpAddr::V4(endpoint_ip(SUBJECT))) else {
-        return;
-    };
-    let relevant: Vec<Policy> = policies
-        .iter()
-        .filter(|p| p.specs.iter().any(|s| s.subject.matches(&ep.labels)))
-        .cloned()
-        .collect();
-    let peer_ep = &index.endpoints()[index.endpoints().len() / 2];
-    let peer = PeerInfo {
-        identity: peer_ep.identity,
-        labels: index
-            .identities()
-            .labels(peer_ep.identity)
-            .unwrap_or_default(),
-        addr: None,
-    };
-    let time = |set: &[Policy]| {
-        let n = 2000u32;
-        let t = Instant::now();
-        for i in 0..n {
-            black_box(evaluate(
-                black_box(set),
-                &ep.labels,
-                EnforcementMode::Enforce,
-                &peer,
-                Direction::Ingress,
-                6,
-                PORTS[i as usize % PORTS.len()],
-            ));
-        }
-        t.elapsed().as_secs_f64() * 1e6 / f64::from(n)
-    };
-    let all = time(policies);
-    let few = time(&relevant);
-    let (local, peers, cells, _) = compile_shape(policies, index, compiled);
-    let evaluations = (local * 2 * peers * cells) as f64;
-    println!(
-        "  evaluate(): {all:.2} us over all {} policies, {few:.2} us over the {} with a spec selecting the endpoint; compile with that pre-filter: ~{:.0} ms",
-        policies.len(),
-        relevant.len(),
-        evaluations * few / 1e3
-    );
 }
 
 /// Runs per kernel-timed measurement of one packet; the median of `ROUNDS` measurements is

@@ -18,10 +18,20 @@
 //! keyed by (peer identity or wildcard, protocol or any, port range). The datapath looks up,
 //! first match wins: (peer, proto, port) → (peer, any) → (wildcard, proto, port) →
 //! (wildcard, any) → default ([`DirectionPolicy::lookup`] is the reference). Entries are
-//! produced by running the evaluator on every (peer identity, protocol, port interval) cell,
-//! so lookup agrees with [`crate::evaluate`] for every identity known at compile time;
-//! recompile when identities or policies change. Rule ids index [`CompiledPolicy::rules`]
-//! (`0` = no rule).
+//! what running the evaluator on every (peer identity, protocol, port interval) cell gives
+//! ([`compile_reference`] does exactly that), so lookup agrees with [`crate::evaluate`] for
+//! every identity known at compile time; recompile when identities or policies change.
+//! Rule ids index [`CompiledPolicy::rules`] (`0` = no rule).
+//!
+//! # Cost
+//!
+//! A decision depends on the peer only through which applicable rules' peer selectors match
+//! it. [`compile`] resolves each selector through a label index over the endpoint
+//! identities, skips peers every rule treats like the wildcard (they need no entry), and
+//! evaluates the rest once per distinct set of matching rules: proportional to the rules
+//! that apply to the local endpoints and the peers they name, not to all identities times
+//! all port intervals. [`IncrementalCompiler`] also keeps the last result and recompiles
+//! only the endpoints a policy file change touches.
 
 use std::borrow::Borrow;
 use std::collections::{BTreeSet, HashMap};

@@ -86,7 +86,12 @@ impl IncrementalCompiler {
     /// neither the policies that apply to an endpoint nor its peers changed.
     pub fn update(&mut self, policies: &Arc<Vec<Policy>>, index: &EndpointIndex) -> CompileOutcome {
         let same_base = self.base.as_ref().is_some_and(|b| {
-            b.endpoints.as_slice() == index.endpoints() && b.identities == *index.identities()
+            let eps = index.endpoints();
+            // The same endpoint `Arc`s come from one index build (or a clone of it), and so
+            // with the same identity table: only a rebuilt index needs the full comparison.
+            let same_build = b.endpoints.len() == eps.len()
+                && b.endpoints.iter().zip(eps).all(|(a, b)| Arc::ptr_eq(a, b));
+            same_build || (b.endpoints.as_slice() == eps && b.identities == *index.identities())
         });
         if !same_base {
             self.base = Some(Base {
