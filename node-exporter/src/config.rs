@@ -1,5 +1,6 @@
 //! Node exporter configuration: one serde struct (file), environment overrides with the
-//! `LUMEN_NODE_EXPORTER_` prefix read through [`Environment`] so tests inject a map.
+//! `LUMEN_NODE_EXPORTER_` prefix read through [`Environment`] so tests inject a map
+//! (the plumbing shared with the relay is in `lumen-daemon`).
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -104,112 +105,41 @@ impl Default for Config {
     }
 }
 
-/// Where environment overrides come from (the process environment, or a map in tests).
-pub trait Environment {
-    fn var(&self, key: &str) -> Option<String>;
-}
-
-/// The process environment.
-pub struct ProcessEnv;
-
-impl Environment for ProcessEnv {
-    fn var(&self, key: &str) -> Option<String> {
-        std::env::var(key).ok()
-    }
-}
-
-impl Environment for std::collections::HashMap<String, String> {
-    fn var(&self, key: &str) -> Option<String> {
-        self.get(key).cloned()
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: {source}")]
-    Parse {
-        path: String,
-        #[source]
-        source: serde_yaml::Error,
-    },
-    #[error("environment variable {key}={value:?}: {problem}")]
-    Env {
-        key: String,
-        value: String,
-        problem: String,
-    },
-    #[error("{field} = {value}: {problem}")]
-    Invalid {
-        field: &'static str,
-        value: String,
-        problem: &'static str,
-    },
-}
+pub use lumen_daemon::{ConfigError, Environment, ProcessEnv};
 
 pub const ENV_PREFIX: &str = "LUMEN_NODE_EXPORTER_";
 
 impl Config {
     pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.display().to_string(),
-            source,
-        })
+        lumen_daemon::read_yaml(path)
     }
 
     /// Apply `LUMEN_NODE_EXPORTER_<FIELD>` overrides.
     pub fn apply_env(&mut self, env: &dyn Environment) -> Result<(), ConfigError> {
-        fn parse<T: std::str::FromStr>(key: &str, v: String) -> Result<T, ConfigError>
-        where
-            T::Err: std::fmt::Display,
-        {
-            v.parse().map_err(|e: T::Err| ConfigError::Env {
-                key: key.to_owned(),
-                value: v.clone(),
-                problem: e.to_string(),
-            })
-        }
-        let key = |k: &str| format!("{ENV_PREFIX}{k}");
-        if let Some(v) = env.var(&key("NODE_NAME")) {
+        let env = lumen_daemon::EnvOverrides::new(env, ENV_PREFIX);
+        if let Some(v) = env.string("NODE_NAME") {
             self.node_name = v;
         }
-        if let Some(v) = env.var(&key("LISTEN_ADDRESS")) {
-            self.listen_address = parse(&key("LISTEN_ADDRESS"), v)?;
+        if let Some(v) = env.parse("LISTEN_ADDRESS")? {
+            self.listen_address = v;
         }
-        if let Some(v) = env.var(&key("METRICS_ADDRESS")) {
-            self.metrics_address = if v.is_empty() {
-                None
-            } else {
-                Some(parse(&key("METRICS_ADDRESS"), v)?)
-            };
+        if let Some(v) = env.optional_address("METRICS_ADDRESS")? {
+            self.metrics_address = v;
         }
-        if let Some(v) = env.var(&key("INTERFACES")) {
-            self.interfaces = v
-                .split(',')
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect();
+        if let Some(v) = env.list("INTERFACES") {
+            self.interfaces = v;
         }
-        if let Some(v) = env.var(&key("ENDPOINTS_FILE")) {
+        if let Some(v) = env.string("ENDPOINTS_FILE") {
             self.endpoints_file = Some(PathBuf::from(v));
         }
-        if let Some(v) = env.var(&key("POLICY_DIR")) {
+        if let Some(v) = env.string("POLICY_DIR") {
             self.policy_dir = Some(PathBuf::from(v));
         }
-        if let Some(v) = env.var(&key("FLOW_RING_CAPACITY")) {
-            self.flow_ring_capacity = parse(&key("FLOW_RING_CAPACITY"), v)?;
+        if let Some(v) = env.parse("FLOW_RING_CAPACITY")? {
+            self.flow_ring_capacity = v;
         }
-        if let Some(v) = env.var(&key("RING_BUFFER_BYTES")) {
-            self.ring_buffer_bytes = parse(&key("RING_BUFFER_BYTES"), v)?;
+        if let Some(v) = env.parse("RING_BUFFER_BYTES")? {
+            self.ring_buffer_bytes = v;
         }
         Ok(())
     }
@@ -217,32 +147,28 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let ring = self.ring_buffer_bytes;
         if !ring.is_power_of_two() || !ring.is_multiple_of(4096) {
-            return Err(ConfigError::Invalid {
-                field: "ring_buffer_bytes",
-                value: ring.to_string(),
-                problem: "must be a power of two and a multiple of 4096",
-            });
+            return Err(ConfigError::invalid(
+                "ring_buffer_bytes",
+                format!("{ring} must be a power of two and a multiple of 4096"),
+            ));
         }
         if self.flow_ring_capacity == 0 {
-            return Err(ConfigError::Invalid {
-                field: "flow_ring_capacity",
-                value: "0".into(),
-                problem: "must be at least 1",
-            });
+            return Err(ConfigError::invalid(
+                "flow_ring_capacity",
+                "0: must be at least 1",
+            ));
         }
         if self.conntrack_entries == 0 {
-            return Err(ConfigError::Invalid {
-                field: "conntrack_entries",
-                value: "0".into(),
-                problem: "must be at least 1",
-            });
+            return Err(ConfigError::invalid(
+                "conntrack_entries",
+                "0: must be at least 1",
+            ));
         }
         if self.drain_interval.is_zero() {
-            return Err(ConfigError::Invalid {
-                field: "drain_interval",
-                value: "0s".into(),
-                problem: "must be positive",
-            });
+            return Err(ConfigError::invalid(
+                "drain_interval",
+                "0s: must be positive",
+            ));
         }
         Ok(())
     }

@@ -3,7 +3,6 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use anyhow::Context as _;
 use clap::Parser;
 use lumen_node_exporter::config::{Aggregation, Config, ProcessEnv};
 
@@ -53,21 +52,8 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match real_main() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("lumen-node-exporter: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    lumen_daemon::init_tracing();
+    lumen_daemon::exit_code("lumen-node-exporter", real_main())
 }
 
 fn real_main() -> anyhow::Result<()> {
@@ -84,14 +70,8 @@ fn real_main() -> anyhow::Result<()> {
         config.listen_address = v;
     }
     if let Some(v) = args.metrics_address {
-        config.metrics_address = if v.is_empty() {
-            None
-        } else {
-            Some(
-                v.parse()
-                    .with_context(|| format!("--metrics-address {v:?}"))?,
-            )
-        };
+        config.metrics_address = lumen_daemon::optional_address(&v)
+            .map_err(|e| anyhow::anyhow!("--metrics-address {v:?}: {e}"))?;
     }
     if !args.interfaces.is_empty() {
         config.interfaces = args.interfaces;
@@ -129,20 +109,8 @@ fn real_main() -> anyhow::Result<()> {
         .enable_all()
         .thread_name("lumen-node-exporter")
         .build()?;
-    rt.block_on(lumen_node_exporter::run(config, shutdown_signal()))
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    rt.block_on(lumen_node_exporter::run(
+        config,
+        lumen_daemon::shutdown_signal(),
+    ))
 }

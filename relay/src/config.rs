@@ -166,49 +166,7 @@ impl Default for Config {
     }
 }
 
-/// Where environment overrides come from (the process environment, or a map in tests).
-pub trait Environment {
-    fn var(&self, key: &str) -> Option<String>;
-}
-
-/// The process environment.
-pub struct ProcessEnv;
-
-impl Environment for ProcessEnv {
-    fn var(&self, key: &str) -> Option<String> {
-        std::env::var(key).ok()
-    }
-}
-
-impl Environment for std::collections::HashMap<String, String> {
-    fn var(&self, key: &str) -> Option<String> {
-        self.get(key).cloned()
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: {source}")]
-    Parse {
-        path: String,
-        #[source]
-        source: serde_yaml::Error,
-    },
-    #[error("{name}={value:?}: {reason}")]
-    Env {
-        name: String,
-        value: String,
-        reason: String,
-    },
-    #[error("{field}: {reason}")]
-    Invalid { field: &'static str, reason: String },
-}
+pub use lumen_daemon::{ConfigError, Environment, ProcessEnv};
 
 /// A statically configured node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -272,112 +230,60 @@ pub fn with_default_port(addr: &str, port: u16) -> Result<String, String> {
     }
 }
 
-fn duration_env(name: &str, v: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(v).map_err(|e| ConfigError::Env {
-        name: name.to_owned(),
-        value: v.to_owned(),
-        reason: e.to_string(),
-    })
-}
-
-fn list_env(v: &str) -> Vec<String> {
-    v.split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect()
-}
-
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_yaml(&path.display().to_string(), &text)
+        lumen_daemon::read_yaml(path)
     }
 
     pub fn from_yaml(path: &str, text: &str) -> Result<Self, ConfigError> {
-        serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source,
-        })
+        lumen_daemon::parse_yaml(path, text)
     }
 
     /// Applies `LUMEN_RELAY_*` overrides: LISTEN_ADDRESS, METRICS_ADDRESS ("" disables),
-    /// NODES and DNS (comma-separated), PEER_SERVICE, SORT_WINDOW, LATE_FLOWS.
+    /// NODES and DNS (comma-separated), PEER_SERVICE, SORT_WINDOW, SORT_IDLE_WATERMARKS,
+    /// LATE_FLOWS.
     pub fn apply_env(&mut self, env: &dyn Environment) -> Result<(), ConfigError> {
-        let get = |k: &str| {
-            env.var(&format!("LUMEN_RELAY_{k}"))
-                .map(|v| (format!("LUMEN_RELAY_{k}"), v))
-        };
-        if let Some((name, v)) = get("LISTEN_ADDRESS") {
-            self.listen_address =
-                v.parse()
-                    .map_err(|e: std::net::AddrParseError| ConfigError::Env {
-                        name,
-                        value: v.clone(),
-                        reason: e.to_string(),
-                    })?;
+        let env = lumen_daemon::EnvOverrides::new(env, "LUMEN_RELAY_");
+        if let Some(v) = env.parse("LISTEN_ADDRESS")? {
+            self.listen_address = v;
         }
-        if let Some((name, v)) = get("METRICS_ADDRESS") {
-            self.metrics_address = if v.trim().is_empty() {
-                None
-            } else {
-                Some(
-                    v.parse()
-                        .map_err(|e: std::net::AddrParseError| ConfigError::Env {
-                            name,
-                            value: v.clone(),
-                            reason: e.to_string(),
-                        })?,
-                )
-            };
+        if let Some(v) = env.optional_address("METRICS_ADDRESS")? {
+            self.metrics_address = v;
         }
-        if let Some((_, v)) = get("NODES") {
-            self.nodes = list_env(&v);
+        if let Some(v) = env.list("NODES") {
+            self.nodes = v;
         }
-        if let Some((_, v)) = get("DNS") {
-            self.dns = list_env(&v);
+        if let Some(v) = env.list("DNS") {
+            self.dns = v;
         }
-        if let Some((_, v)) = get("PEER_SERVICE") {
+        if let Some(v) = env.string("PEER_SERVICE") {
             self.peer_service = Some(v).filter(|s| !s.trim().is_empty());
         }
-        if let Some((name, v)) = get("SORT_WINDOW") {
-            self.sort_window = duration_env(&name, &v)?;
+        if let Some(v) = env.duration("SORT_WINDOW")? {
+            self.sort_window = v;
         }
-        if let Some((name, v)) = get("SORT_IDLE_WATERMARKS") {
-            self.sort_idle_watermarks = match v.as_str() {
-                "true" | "1" => true,
-                "false" | "0" => false,
-                _ => {
-                    return Err(ConfigError::Env {
-                        name,
-                        value: v,
-                        reason: "expected true or false".to_owned(),
-                    })
-                }
-            };
+        let flag = |v: &str| match v {
+            "true" | "1" => Ok(true),
+            "false" | "0" => Ok(false),
+            _ => Err("expected true or false".to_owned()),
+        };
+        if let Some(v) = env.with("SORT_IDLE_WATERMARKS", flag)? {
+            self.sort_idle_watermarks = v;
         }
-        if let Some((name, v)) = get("LATE_FLOWS") {
-            self.late_flows = match v.as_str() {
-                "deliver" => LateFlows::Deliver,
-                "drop" => LateFlows::Drop,
-                _ => {
-                    return Err(ConfigError::Env {
-                        name,
-                        value: v,
-                        reason: "expected deliver or drop".to_owned(),
-                    })
-                }
-            };
+        let late = |v: &str| match v {
+            "deliver" => Ok(LateFlows::Deliver),
+            "drop" => Ok(LateFlows::Drop),
+            _ => Err("expected deliver or drop".to_owned()),
+        };
+        if let Some(v) = env.with("LATE_FLOWS", late)? {
+            self.late_flows = v;
         }
         Ok(())
     }
 
     /// Checks what serde cannot: addresses, bounds.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |field, reason: String| Err(ConfigError::Invalid { field, reason });
+        let invalid = |field, reason: String| Err(ConfigError::invalid(field, reason));
         for n in &self.nodes {
             if let Err(reason) = parse_static_node(n) {
                 return invalid("nodes", reason);

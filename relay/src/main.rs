@@ -3,7 +3,6 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use anyhow::Context as _;
 use clap::Parser;
 use lumen_relay::config::{Config, LateFlows, NodeTlsConfig, ProcessEnv, ServerTlsConfig};
 
@@ -63,20 +62,8 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match real_main() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("lumen-relay: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    lumen_daemon::init_tracing();
+    lumen_daemon::exit_code("lumen-relay", real_main())
 }
 
 fn config_from(args: Args) -> anyhow::Result<Config> {
@@ -89,14 +76,8 @@ fn config_from(args: Args) -> anyhow::Result<Config> {
         config.listen_address = v;
     }
     if let Some(v) = args.metrics_address {
-        config.metrics_address = if v.is_empty() {
-            None
-        } else {
-            Some(
-                v.parse()
-                    .with_context(|| format!("--metrics-address {v:?}"))?,
-            )
-        };
+        config.metrics_address = lumen_daemon::optional_address(&v)
+            .map_err(|e| anyhow::anyhow!("--metrics-address {v:?}: {e}"))?;
     }
     if !args.nodes.is_empty() {
         config.nodes = args.nodes;
@@ -148,21 +129,6 @@ fn real_main() -> anyhow::Result<()> {
         .enable_all()
         .thread_name("lumen-relay")
         .build()?;
-    rt.block_on(lumen_relay::run(config, shutdown_signal()))?;
+    rt.block_on(lumen_relay::run(config, lumen_daemon::shutdown_signal()))?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
