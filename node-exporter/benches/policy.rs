@@ -125,13 +125,21 @@ fn endpoints_yaml(scale: &Scale) -> String {
     y
 }
 
-/// Policy `j` (YAML document), in namespace `ns{j % 50}`. `port_override` changes the first
-/// allowed port (the policy change the latency benchmark makes).
-fn policy_yaml(j: usize, apps: usize, port_override: Option<u16>) -> String {
+/// The policy change the latency benchmark makes to policy 0 (the subject's): a new first
+/// allowed port and, on some changes, an egress rule to a new CIDR (a new CIDR identity:
+/// the ipcache changes too).
+#[derive(Clone, Copy)]
+struct Change {
+    port: u16,
+    cidr: Option<u8>,
+}
+
+/// Policy `j` (YAML document), in namespace `ns{j % 50}`, with `change` applied.
+fn policy_yaml(j: usize, apps: usize, change: Option<Change>) -> String {
     let ns = j % NAMESPACES;
     let subject = j % apps;
     let from = (j * 13 + 7) % apps;
-    let port = port_override.unwrap_or(PORTS[j % PORTS.len()]);
+    let port = change.map_or(PORTS[j % PORTS.len()], |c| c.port);
     let port2 = PORTS[(j * 5 + 3) % PORTS.len()];
     let audit = if j % 10 == 9 {
         "\n  annotations: {\"lumen.io/mode\": audit}"
@@ -163,26 +171,35 @@ fn policy_yaml(j: usize, apps: usize, port_override: Option<u16>) -> String {
             j % 200
         );
     }
+    if let Some(n) = change.and_then(|c| c.cidr) {
+        let _ = write!(y, "  egress:\n    - toCIDR: [198.18.{n}.0/24]\n");
+    }
     y
 }
 
-/// Writes the policies into `dir`, one file per namespace. With `override_first`, only the
-/// file holding the subject's policy is rewritten, with that policy's first port changed.
-fn write_policies(dir: &Path, scale: &Scale, apps: usize, override_first: Option<u16>) {
+/// The policy files, one per namespace: (file name, text). With `change`, only the file
+/// holding the subject's policy, with that policy changed.
+fn policy_files(scale: &Scale, apps: usize, change: Option<Change>) -> Vec<(String, String)> {
     let mut files: Vec<String> = vec![String::new(); NAMESPACES];
     for j in 0..scale.policies {
-        let doc = policy_yaml(j, apps, if j == SUBJECT { override_first } else { None });
+        let doc = policy_yaml(j, apps, if j == SUBJECT { change } else { None });
         let f = &mut files[j % NAMESPACES];
         if !f.is_empty() {
             f.push_str("---\n");
         }
         f.push_str(&doc);
     }
-    for (ns, text) in files.iter().enumerate() {
-        let changed = override_first.is_none() || ns == SUBJECT % NAMESPACES;
-        if changed && !text.is_empty() {
-            std::fs::write(dir.join(format!("ns{ns}.yaml")), text).expect("write policy file");
-        }
+    files
+        .into_iter()
+        .enumerate()
+        .filter(|(ns, text)| (change.is_none() || *ns == SUBJECT % NAMESPACES) && !text.is_empty())
+        .map(|(ns, text)| (format!("ns{ns}.yaml"), text))
+        .collect()
+}
+
+fn write_files(dir: &Path, files: &[(String, String)]) {
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text).expect("write policy file");
     }
 }
 
@@ -326,7 +343,7 @@ impl Bench {
     /// node. Also times the whole-set compilers on the same input.
     fn load_policies(&mut self, scale: &Scale) -> String {
         let t = Instant::now();
-        write_policies(self.dir.path(), scale, self.apps, None);
+        write_files(self.dir.path(), &policy_files(scale, self.apps, None));
         self.engine
             .reload_files(&mut |e| panic!("policy file rejected: {e}"));
         let t_load = t.elapsed();
@@ -514,7 +531,8 @@ impl Bench {
     }
 
     /// File change -> enforcement, `scale.changes` times: policy 0 (which selects the
-    /// subject) gets a new allowed port; a SYN to it goes from dropped to forwarded.
+    /// subject) gets a new allowed port (every other time also a new egress CIDR); a SYN to
+    /// the port goes from dropped to forwarded.
     fn policy_change(&mut self, scale: &Scale) {
         println!(
             "policy change -> enforced in the kernel ({} policies, {} identities, {} local endpoint(s); one file of {} rewritten in place):",
@@ -529,9 +547,12 @@ impl Bench {
         let mut runs: Vec<(Duration, Duration, ApplyStats)> = Vec::new();
         for k in 0..scale.changes {
             let port = 7001 + k as u16;
+            // Every other change also adds a policy prefix.
+            let cidr = (k % 2 == 1).then_some(k as u8);
+            let files = policy_files(scale, self.apps, Some(Change { port, cidr }));
             let before = self.probe(allowed_peer, port);
             let t0 = Instant::now();
-            write_policies(self.dir.path(), scale, self.apps, Some(port));
+            write_files(self.dir.path(), &files);
             let t_write = t0.elapsed();
             let t = Instant::now();
             let mut reparsed = 0;
@@ -547,8 +568,9 @@ impl Bench {
             let after = self.probe(allowed_peer, port);
             let s = self.engine.last_apply.clone();
             println!(
-                "  change {}: {:>6.1} ms total: write {:.2}, reload {:.1} [{reparsed} file reparsed], list {:.1}, compile {:.1} [{} of {} endpoint(s), {}], map plan {:.2}, map sync {:.2} [{} written, {} removed; ipcache {}/{}], generation bump {:.2}; port {port}: TC action {before} -> {after}{}",
+                "  change {}{}: {:>6.1} ms total: write {:.2}, reload {:.1} [{reparsed} file reparsed], list {:.1}, compile {:.1} [{} of {} endpoint(s), {}], map plan {:.2}, map sync {:.2} [{} written, {} removed; ipcache {}/{}], generation bump {:.2}; port {port}: TC action {before} -> {after}{}",
                 k + 1,
+                if cidr.is_some() { " (+ a CIDR)" } else { "" },
                 ms(total),
                 ms(t_write),
                 ms(t_reload),

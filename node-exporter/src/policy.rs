@@ -289,17 +289,23 @@ fn desired_ipcache(
             );
         }
     }
+    // Endpoint prefixes wider than one address: the only ones that can own a policy prefix
+    // they are not equal to (an equal one already has its entry, which is kept).
+    let wide: Vec<(&IpNet, Identity)> = index
+        .endpoints()
+        .iter()
+        .flat_map(|ep| ep.ips.iter().map(move |n| (n, ep.identity)))
+        .filter(|(n, _)| n.prefix_len() < n.max_prefix_len())
+        .collect();
     for (net, id) in &compiled.ipcache {
         // A policy prefix inside an endpoint's prefix (a CIDR-only external endpoint) keeps
         // that endpoint's identity: the addresses still belong to the endpoint, as the
         // evaluator and flow enrichment see them.
-        let owner = index
-            .endpoints()
+        let owner = wide
             .iter()
-            .flat_map(|ep| ep.ips.iter().map(move |n| (n, ep)))
             .filter(|(n, _)| n.contains(net))
             .max_by_key(|(n, _)| n.prefix_len())
-            .map(|(_, ep)| ep.identity);
+            .map(|(_, identity)| *identity);
         ipcache.entry(ipcache_key(net)).or_insert(IpcacheValue {
             identity: owner.unwrap_or(*id).0,
             flags: 0,
@@ -454,9 +460,27 @@ impl MapState {
             delta.new.policy.extend(part);
         }
         if outcome.ipcache_changed {
+            // Only the entries that differ go into the delta (a new policy prefix renumbers
+            // the CIDR identities after it, not the 10,000s of endpoint addresses).
             let ipcache = desired_ipcache(index, compiled);
-            delta.old.ipcache = std::mem::replace(&mut self.programmed.ipcache, ipcache.clone());
-            delta.new.ipcache = ipcache;
+            let old = std::mem::take(&mut self.programmed.ipcache);
+            for (k, v) in &ipcache {
+                match old.get(k) {
+                    Some(o) if o == v => {}
+                    o => {
+                        delta.new.ipcache.insert(*k, *v);
+                        if let Some(o) = o {
+                            delta.old.ipcache.insert(*k, *o);
+                        }
+                    }
+                }
+            }
+            for (k, o) in &old {
+                if !ipcache.contains_key(k) {
+                    delta.old.ipcache.insert(*k, *o);
+                }
+            }
+            self.programmed.ipcache = ipcache;
         }
         let endpoints = desired_endpoints(index, compiled, node, ifindex_of);
         delta.old.endpoints = std::mem::replace(&mut self.programmed.endpoints, endpoints.clone());
@@ -691,11 +715,13 @@ mod tests {
     }
 
     const APPS: usize = 6;
-    const CIDRS: [&str; 5] = [
+    const CIDRS: [&str; 7] = [
         "203.0.113.0/24",
         "203.0.113.0/26",
         "10.0.0.0/8",
+        "10.9.1.0/24",
         "192.168.1.0/25",
+        "203.0.113.7/32",
         "2001:db8::/32",
     ];
 
@@ -715,7 +741,13 @@ mod tests {
                 i + 1
             );
         }
-        y.push_str("  - {pod: ext, labels: {app: ext}, ips: [\"192.168.1.0/24\"]}\n");
+        // External endpoints owning policy prefixes: wider, equal, and a host address.
+        y.push_str(
+            "  - {pod: ext, labels: {app: ext}, ips: [\"192.168.1.0/24\", \"203.0.113.0/26\"]}\n",
+        );
+        y.push_str(
+            "  - {pod: ext2, labels: {app: ext2}, ips: [\"10.9.0.0/16\", \"203.0.113.7\"]}\n",
+        );
         let file = EndpointsFile::parse("eps.yaml", &y).expect("generated endpoints parse");
         EndpointIndex::build(&file, &IdentityAllocator::default())
     }
@@ -746,6 +778,43 @@ mod tests {
             _ => {}
         }
         y
+    }
+
+    /// The ipcache as first written: every endpoint prefix considered as an owner.
+    fn reference_ipcache(
+        index: &EndpointIndex,
+        compiled: &CompiledPolicy,
+    ) -> HashMap<IpcacheKey, IpcacheValue> {
+        let mut ipcache = HashMap::new();
+        for ep in index.endpoints() {
+            for net in &ep.ips {
+                let v = IpcacheValue {
+                    identity: ep.identity.0,
+                    flags: 0,
+                };
+                ipcache.insert(ipcache_key(net), v);
+            }
+        }
+        for (net, id) in &compiled.ipcache {
+            let owner = index
+                .endpoints()
+                .iter()
+                .flat_map(|ep| ep.ips.iter().map(move |n| (n, ep)))
+                .filter(|(n, _)| n.contains(net))
+                .max_by_key(|(n, _)| n.prefix_len())
+                .map(|(_, ep)| ep.identity);
+            ipcache.entry(ipcache_key(net)).or_insert(IpcacheValue {
+                identity: owner.unwrap_or(*id).0,
+                flags: 0,
+            });
+        }
+        ipcache
+            .entry((96, mapped(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))))
+            .or_insert(IpcacheValue {
+                identity: Identity::WORLD.0,
+                flags: 0,
+            });
+        ipcache
     }
 
     /// What `Datapath::sync_maps` does to the maps, on plain hash maps.
@@ -831,6 +900,11 @@ mod tests {
                 assert_eq!(
                     maps.programmed.ipcache, want.ipcache,
                     "seed {seed} step {step}"
+                );
+                assert_eq!(
+                    want.ipcache,
+                    reference_ipcache(&index, compiled),
+                    "seed {seed} step {step}: ipcache owners"
                 );
                 assert_eq!(
                     maps.programmed.endpoints, want.endpoints,
