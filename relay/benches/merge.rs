@@ -169,6 +169,8 @@ impl Cluster {
                 "127.0.0.1:0".parse().unwrap(),
                 ServeOptions {
                     batches: node_batches,
+                    // The nodes share the machine with the relay: keep them cheap.
+                    encoded_batches: true,
                     threads: 1,
                     ..Default::default()
                 },
@@ -354,6 +356,14 @@ fn latency(client_rt: &tokio::runtime::Runtime, run: LatencyRun) {
     let names: Vec<Arc<str>> = nodes.iter().map(|n| Arc::from(n.name())).collect();
     let busy: Vec<Arc<SyntheticNode>> = nodes[..n - quiet].to_vec();
     let total = (rate as f64 * seconds) as usize;
+    let cpu = || {
+        (
+            thread_cpu_seconds("relay-bench"),
+            thread_cpu_seconds("bench-client"),
+            thread_cpu_seconds("node-"),
+        )
+    };
+    let cpu0 = cpu();
     // (node, flow time, receive time), through the relay and directly.
     type Seen = Vec<(usize, i64, i64)>;
     let (via_relay, direct, pushed): (Seen, Seen, usize) = client_rt.block_on(async move {
@@ -361,67 +371,98 @@ fn latency(client_rt: &tokio::runtime::Runtime, run: LatencyRun) {
             follow: true,
             ..Default::default()
         };
+        // Through the relay as a stock client reads it (one flow per response); from the
+        // nodes as the relay reads them (FlowBatches), which also keeps the client's own
+        // cost low. Items: (through the relay, flows).
         let mut streams = Vec::new();
-        for (i, a) in std::iter::once(relay_addr).chain(node_addrs).enumerate() {
-            let s = get_flows_raw(channel(a).await, follow.clone())
+        let relay = get_flows_raw(channel(relay_addr).await, follow.clone())
+            .await
+            .unwrap();
+        streams.push(
+            relay
+                .ready_chunks(1024)
+                .map(|rs| {
+                    (
+                        true,
+                        rs.into_iter().filter_map(Result::ok).collect::<Vec<_>>(),
+                    )
+                })
+                .boxed(),
+        );
+        for a in node_addrs {
+            let mut c =
+                FlowBatchesClient::new(channel(a).await).max_decoding_message_size(64 << 20);
+            let batches = c
+                .get_flow_batches(follow.clone())
                 .await
-                .unwrap();
-            streams.push(s.map(move |r| (i == 0, r)).boxed());
+                .unwrap()
+                .into_inner();
+            let (mut names, mut ev) = (Vec::new(), Vec::new());
+            streams.push(
+                batches
+                    .map(move |b| {
+                        (
+                            false,
+                            b.map_or_else(|_| Vec::new(), |b| unbatch(b, &mut names, &mut ev)),
+                        )
+                    })
+                    .boxed(),
+            );
         }
         let mut s = futures::stream::select_all(streams);
         // Let every node stream open before pushing.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let pusher = std::thread::spawn(move || {
-            let tick = Duration::from_millis(1);
-            let per_tick = (rate / 1000).max(1);
-            let start = Instant::now();
-            let mut last = vec![0i64; busy.len()];
-            let mut sent = 0usize;
-            let mut i = 0u64;
-            let mut rr = 0usize;
-            while sent < total {
-                let due = ((start.elapsed().as_secs_f64() * rate as f64) as usize).min(total);
-                while sent < due {
-                    let k = rr % busy.len();
-                    rr += 1;
-                    let chunk = per_tick.min(due - sent).div_ceil(busy.len()).max(1);
-                    let chunk = chunk.min(total - sent);
-                    let t0 = now_ns().max(last[k] + 1);
-                    last[k] = t0 + chunk as i64 - 1;
-                    let name = busy[k].name().to_owned();
-                    busy[k].push((0..chunk).map(|j| flow(&name, t0 + j as i64, i + j as u64)));
-                    i += chunk as u64;
-                    sent += chunk;
+        let pusher = std::thread::Builder::new()
+            .name("bench-pusher".to_owned())
+            .spawn(move || {
+                let tick = Duration::from_millis(1);
+                let per_tick = (rate / 1000).max(1);
+                let start = Instant::now();
+                let mut last = vec![0i64; busy.len()];
+                let mut sent = 0usize;
+                let mut i = 0u64;
+                let mut rr = 0usize;
+                while sent < total {
+                    let due = ((start.elapsed().as_secs_f64() * rate as f64) as usize).min(total);
+                    while sent < due {
+                        let k = rr % busy.len();
+                        rr += 1;
+                        let chunk = per_tick.min(due - sent).div_ceil(busy.len()).max(1);
+                        let chunk = chunk.min(total - sent);
+                        let t0 = now_ns().max(last[k] + 1);
+                        last[k] = t0 + chunk as i64 - 1;
+                        let name = busy[k].name().to_owned();
+                        busy[k].push((0..chunk).map(|j| flow(&name, t0 + j as i64, i + j as u64)));
+                        i += chunk as u64;
+                        sent += chunk;
+                    }
+                    std::thread::sleep(tick);
                 }
-                std::thread::sleep(tick);
-            }
-            sent
-        });
+                sent
+            });
         let mut via_relay = Vec::with_capacity(total);
         let mut direct = Vec::with_capacity(total);
         let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(seconds + 10.0);
         while via_relay.len() < total || direct.len() < total {
             match tokio::time::timeout_at(deadline, s.next()).await {
-                Ok(Some((relay, Ok(r)))) if r.is_flow() => {
+                Ok(Some((relay, rs))) => {
                     let now = now_ns();
-                    let node = names
-                        .iter()
-                        .position(|n| *n == r.node_name)
-                        .unwrap_or(usize::MAX);
-                    let seen = (node, r.time_ns.unwrap_or_default(), now);
-                    if relay {
-                        via_relay.push(seen);
-                    } else {
-                        direct.push(seen);
+                    let seen = if relay { &mut via_relay } else { &mut direct };
+                    for r in rs.iter().filter(|r| r.is_flow()) {
+                        let node = names
+                            .iter()
+                            .position(|n| *n == r.node_name)
+                            .unwrap_or(usize::MAX);
+                        seen.push((node, r.time_ns.unwrap_or_default(), now));
                     }
                 }
-                Ok(Some((_, Ok(_)))) => {}
                 _ => break,
             }
         }
-        let pushed = pusher.join().unwrap();
+        let pushed = pusher.unwrap().join().unwrap();
         (via_relay, direct, pushed)
     });
+    let cpu1 = cpu();
     let when_direct: std::collections::HashMap<(usize, i64), i64> =
         direct.iter().map(|&(n, t, r)| ((n, t), r)).collect();
     let mut added: Vec<i64> = via_relay
@@ -437,7 +478,7 @@ fn latency(client_rt: &tokio::runtime::Runtime, run: LatencyRun) {
     println!(
         "latency      {n:>2} nodes ({quiet} quiet) at {:>4} k flows/s, window {window:?}, idle watermarks {:<3}: \
          added p50 {:>6.2} ms, p99 {:>6.2} ms, max {:>6.2} ms | flow→client via relay p50 {:.2} p99 {:.2} ms, \
-         direct p50 {:.2} p99 {:.2} ms | {} of {pushed} flows via relay, {} late, {} window-released",
+         direct p50 {:.2} p99 {:.2} ms | {} of {pushed} flows via relay, {} late, {} window-released | CPU s relay {:.2} client {:.2} nodes {:.2}",
         rate / 1000,
         if idle_watermarks { "on" } else { "off" },
         percentile(&added, 0.50),
@@ -450,6 +491,9 @@ fn latency(client_rt: &tokio::runtime::Runtime, run: LatencyRun) {
         via_relay.len(),
         relay.metrics.late_flows.get(),
         relay.metrics.window_released.get(),
+        cpu1.0 - cpu0.0,
+        cpu1.1 - cpu0.1,
+        cpu1.2 - cpu0.2,
     );
     drop(cluster);
 }

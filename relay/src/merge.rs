@@ -392,7 +392,7 @@ pub struct TransitBound {
 impl TransitBound {
     /// Margin added to the slowest transit seen: a fraction of it, at least
     /// [`TransitBound::MIN_MARGIN_NS`].
-    pub const MARGIN_FRACTION: i64 = 2;
+    pub const MARGIN_FRACTION: i64 = 4;
     pub const MIN_MARGIN_NS: i64 = 2_000_000;
 
     /// `period`: how long an observation counts (one to two periods).
@@ -600,12 +600,16 @@ mod tests {
         assert_eq!(t.bound(t0), None, "nothing seen");
         t.record(t0, t0 - 10 * ms);
         t.record(t0 + 5 * ms, t0 + 2 * ms);
-        assert_eq!(t.bound(t0 + 6 * ms), Some(15 * ms), "10 ms + half of it");
+        assert_eq!(
+            t.bound(t0 + 6 * ms),
+            Some(12_500_000),
+            "10 ms + a quarter of it"
+        );
         t.record(t0 + 10 * ms, t0 + 9 * ms);
-        assert_eq!(t.bound(t0 + 10 * ms), Some(15 * ms));
+        assert_eq!(t.bound(t0 + 10 * ms), Some(12_500_000));
         // Still counted in the next period...
         t.record(t0 + 1100 * ms, t0 + 1099 * ms);
-        assert_eq!(t.bound(t0 + 1100 * ms), Some(15 * ms));
+        assert_eq!(t.bound(t0 + 1100 * ms), Some(12_500_000));
         // ...not after it: the small margin applies to a small transit.
         assert_eq!(t.bound(t0 + 2200 * ms), Some(3 * ms));
         // Nothing seen for two periods: no bound.

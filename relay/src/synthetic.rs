@@ -3,6 +3,11 @@
 //! with lost-events records for lagging followers), and optionally FlowBatches. For the
 //! relay's component tests, benchmarks and demos: real gRPC servers on real sockets, with
 //! flows made up instead of captured.
+//!
+//! Flows are encoded once when pushed and shared (`Arc`) by every stream, so a node
+//! costs little next to the relay it feeds on the same machine (benchmarks). FlowBatches
+//! is served either as node exporters serve it ([`crate::batches::server`] over the
+//! Observer) or, with [`ServeOptions::encoded_batches`], straight from the encoded flows.
 
 use std::{
     net::SocketAddr,
@@ -12,6 +17,8 @@ use std::{
     },
 };
 
+use bytes::Bytes;
+use futures::StreamExt;
 use lumen_proto::{
     field_mask::FlowFieldMask,
     filter::FlowFilters,
@@ -29,19 +36,34 @@ use lumen_proto::{
     },
     relay::NodeState,
 };
+use prost::Message;
 use tokio::sync::{broadcast, mpsc};
 use tonic::{Request, Response, Status};
 
-use crate::wire::{now_ns, ns_timestamp, timestamp_ns};
+use crate::{
+    batches::{MAX_BATCH_FLOWS, MAX_MESSAGE_BYTES},
+    proto::batches::{
+        flow_batches_server::{FlowBatches, FlowBatchesServer},
+        FlowBatch,
+    },
+    wire::{now_ns, ns_timestamp, timestamp_ns},
+};
 
 /// The ring capacity a synthetic node reports (ServerStatus, GetNodes `max_flows`).
 pub const RING_CAPACITY: u64 = 1_000_000;
 
+/// A flow as a node holds it: decoded (filters) and encoded once (answers).
+struct Stored {
+    flow: Flow,
+    encoded: Bytes,
+    time_ns: i64,
+}
+
 /// A node's flows, in time order of arrival.
 pub struct SyntheticNode {
     name: String,
-    flows: RwLock<Vec<Flow>>,
-    tx: broadcast::Sender<(usize, Flow)>,
+    flows: RwLock<Vec<Arc<Stored>>>,
+    tx: broadcast::Sender<(usize, Arc<Stored>)>,
     started_ns: i64,
     /// GetFlows streams being answered.
     active: Arc<AtomicUsize>,
@@ -65,9 +87,19 @@ impl SyntheticNode {
 
     /// Appends flows (their `node_name` is set to this node's).
     pub fn push(&self, flows: impl IntoIterator<Item = Flow>) {
+        let stored: Vec<Arc<Stored>> = flows
+            .into_iter()
+            .map(|mut f| {
+                f.node_name.clone_from(&self.name);
+                Arc::new(Stored {
+                    time_ns: f.time.as_ref().map_or(0, timestamp_ns),
+                    encoded: f.encode_to_vec().into(),
+                    flow: f,
+                })
+            })
+            .collect();
         let mut g = self.flows.write().unwrap_or_else(|p| p.into_inner());
-        for mut f in flows {
-            f.node_name = self.name.clone();
+        for f in stored {
             let seq = g.len();
             g.push(f.clone());
             let _ = self.tx.send((seq, f));
@@ -84,7 +116,12 @@ impl SyntheticNode {
 
     /// Every flow held.
     pub fn flows(&self) -> Vec<Flow> {
-        self.flows.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.flows
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|s| s.flow.clone())
+            .collect()
     }
 
     /// GetFlows streams currently being answered.
@@ -182,21 +219,104 @@ impl Query {
         self.since.is_none_or(|s| t >= s) && self.until.is_none_or(|u| t <= u)
     }
 
-    fn answer(&self, f: &Flow) -> Option<GetFlowsResponse> {
-        if !self.in_time(f) || !self.filters.matches(f) {
-            return None;
-        }
-        let time = f.time;
-        let flow = match &self.mask {
-            Some(m) => m.apply(f),
-            None => f.clone(),
-        };
-        Some(GetFlowsResponse {
-            node_name: f.node_name.clone(),
-            time,
-            response_types: Some(ResponseTypes::Flow(flow)),
-        })
+    fn wants(&self, f: &Flow) -> bool {
+        self.in_time(f) && self.filters.matches(f)
     }
+
+    fn response(&self, s: &Stored) -> GetFlowsResponse {
+        let flow = match &self.mask {
+            Some(m) => m.apply(&s.flow),
+            None => s.flow.clone(),
+        };
+        GetFlowsResponse {
+            node_name: s.flow.node_name.clone(),
+            time: s.flow.time,
+            response_types: Some(ResponseTypes::Flow(flow)),
+        }
+    }
+
+    /// The flow as FlowBatches carries it: encoded (once, at push, unless masked).
+    fn encoded(&self, s: &Stored) -> Bytes {
+        match &self.mask {
+            Some(m) => m.apply(&s.flow).encode_to_vec().into(),
+            None => s.encoded.clone(),
+        }
+    }
+}
+
+/// What one GetFlows stream of a node yields, before it is shaped for its RPC.
+enum Item {
+    Flow(Arc<Stored>),
+    /// A lagging follower missed this many flows.
+    Lost(u64),
+}
+
+/// Answers `q` from `node` into a channel: the history the query asks for, then (following)
+/// live flows, with a lost-events item when the follower lags.
+fn answer(node: Arc<SyntheticNode>, q: Arc<Query>) -> mpsc::Receiver<Item> {
+    let (tx, rx) = mpsc::channel(1024);
+    node.active.fetch_add(1, Ordering::AcqRel);
+    let guard = ActiveGuard(node.active.clone());
+    tokio::spawn(async move {
+        let _guard = guard;
+        let mut live = q.follow.then(|| node.tx.subscribe());
+        let snapshot: Vec<Arc<Stored>> =
+            node.flows.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let history = q.number > 0 || q.since.is_some() || !q.follow;
+        if history {
+            let limit = if q.number == 0 { u64::MAX } else { q.number } as usize;
+            let picked: Vec<Arc<Stored>> = if q.first {
+                snapshot
+                    .iter()
+                    .filter(|s| q.wants(&s.flow))
+                    .take(limit)
+                    .cloned()
+                    .collect()
+            } else {
+                let mut v: Vec<_> = snapshot
+                    .iter()
+                    .rev()
+                    .filter(|s| q.wants(&s.flow))
+                    .take(limit)
+                    .cloned()
+                    .collect();
+                v.reverse();
+                v
+            };
+            for s in picked {
+                if tx.send(Item::Flow(s)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let Some(rx) = live.as_mut() else { return };
+        let held = snapshot.len();
+        loop {
+            tokio::select! {
+                r = rx.recv() => match r {
+                    Ok((seq, s)) => {
+                        if seq < held {
+                            continue;
+                        }
+                        if q.until.is_some_and(|u| s.time_ns > u) {
+                            return;
+                        }
+                        if q.wants(&s.flow) && tx.send(Item::Flow(s)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        if tx.send(Item::Lost(n)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    rx
 }
 
 struct ActiveGuard(Arc<AtomicUsize>);
@@ -210,7 +330,70 @@ impl Drop for ActiveGuard {
 /// The Observer API over a [`SyntheticNode`].
 pub struct SyntheticObserver(pub Arc<SyntheticNode>);
 
-type RespStream = tokio_stream::wrappers::ReceiverStream<Result<GetFlowsResponse, Status>>;
+type RespStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<GetFlowsResponse, Status>> + Send>>;
+
+fn lost_response(node: &str, n: u64) -> GetFlowsResponse {
+    GetFlowsResponse {
+        node_name: node.to_owned(),
+        time: Some(ns_timestamp(now_ns())),
+        response_types: Some(ResponseTypes::LostEvents(LostEvent {
+            source: LostEventSource::HubbleRingBuffer as i32,
+            num_events_lost: n,
+            cpu: None,
+        })),
+    }
+}
+
+/// FlowBatches straight from a node's encoded flows: whatever is ready, up to
+/// [`MAX_BATCH_FLOWS`], goes out as one batch, as [`crate::batches::server`] batches.
+pub struct SyntheticBatches(pub Arc<SyntheticNode>);
+
+type BatchStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<FlowBatch, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl FlowBatches for SyntheticBatches {
+    type GetFlowBatchesStream = BatchStream;
+
+    async fn get_flow_batches(
+        &self,
+        request: Request<GetFlowsRequest>,
+    ) -> Result<Response<BatchStream>, Status> {
+        let q = Arc::new(Query::parse(request.get_ref())?);
+        let node = self.0.clone();
+        let name = node.name.clone();
+        let items = tokio_stream::wrappers::ReceiverStream::new(answer(node, q.clone()));
+        let batches = items.ready_chunks(MAX_BATCH_FLOWS).flat_map(move |chunk| {
+            let mut out = Vec::new();
+            let mut batch = FlowBatch {
+                node_names: vec![name.clone()],
+                ..Default::default()
+            };
+            for item in chunk {
+                match item {
+                    Item::Flow(s) => {
+                        batch.flows.push(q.encoded(&s));
+                        batch.times_ns.push(s.time_ns);
+                    }
+                    Item::Lost(n) => {
+                        // Events go before the batch's flows: end the batch first.
+                        if !batch.flows.is_empty() {
+                            let next = FlowBatch {
+                                node_names: vec![name.clone()],
+                                ..Default::default()
+                            };
+                            out.push(Ok(std::mem::replace(&mut batch, next)));
+                        }
+                        batch.events.push(lost_response(&name, n));
+                    }
+                }
+            }
+            out.push(Ok(batch));
+            futures::stream::iter(out)
+        });
+        Ok(Response::new(Box::pin(batches)))
+    }
+}
 type Unsupported<T> = futures::stream::Empty<Result<T, Status>>;
 
 #[tonic::async_trait]
@@ -223,81 +406,16 @@ impl Observer for SyntheticObserver {
         &self,
         request: Request<GetFlowsRequest>,
     ) -> Result<Response<RespStream>, Status> {
-        let q = Query::parse(request.get_ref())?;
+        let q = Arc::new(Query::parse(request.get_ref())?);
         let node = self.0.clone();
-        let (tx, rx) = mpsc::channel(1024);
-        node.active.fetch_add(1, Ordering::AcqRel);
-        let guard = ActiveGuard(node.active.clone());
-        tokio::spawn(async move {
-            let _guard = guard;
-            let mut live = q.follow.then(|| node.tx.subscribe());
-            let snapshot: Vec<Flow> = node.flows.read().unwrap_or_else(|p| p.into_inner()).clone();
-            let history = q.number > 0 || q.since.is_some() || !q.follow;
-            if history {
-                let limit = if q.number == 0 { u64::MAX } else { q.number };
-                let picked: Vec<GetFlowsResponse> = if q.first {
-                    snapshot
-                        .iter()
-                        .filter_map(|f| q.answer(f))
-                        .take(limit as usize)
-                        .collect()
-                } else {
-                    let mut v: Vec<_> = snapshot
-                        .iter()
-                        .rev()
-                        .filter_map(|f| q.answer(f))
-                        .take(limit as usize)
-                        .collect();
-                    v.reverse();
-                    v
-                };
-                for r in picked {
-                    if tx.send(Ok(r)).await.is_err() {
-                        return;
-                    }
-                }
-            }
-            let Some(rx) = live.as_mut() else { return };
-            let held = snapshot.len();
-            loop {
-                tokio::select! {
-                    r = rx.recv() => match r {
-                        Ok((seq, f)) => {
-                            if seq < held {
-                                continue;
-                            }
-                            if q.until.is_some_and(|u| Query::time(&f) > u) {
-                                return;
-                            }
-                            if let Some(resp) = q.answer(&f) {
-                                if tx.send(Ok(resp)).await.is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                        Err(broadcast::error::RecvError::Lagged(n)) => {
-                            let resp = GetFlowsResponse {
-                                node_name: node.name.clone(),
-                                time: Some(ns_timestamp(now_ns())),
-                                response_types: Some(ResponseTypes::LostEvents(LostEvent {
-                                    source: LostEventSource::HubbleRingBuffer as i32,
-                                    num_events_lost: n,
-                                    cpu: None,
-                                })),
-                            };
-                            if tx.send(Ok(resp)).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    },
-                    _ = tx.closed() => return,
-                }
-            }
-        });
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
-            rx,
-        )))
+        let name = node.name.clone();
+        let items = tokio_stream::wrappers::ReceiverStream::new(answer(node, q.clone()));
+        Ok(Response::new(Box::pin(items.map(move |item| {
+            Ok(match item {
+                Item::Flow(s) => q.response(&s),
+                Item::Lost(n) => lost_response(&name, n),
+            })
+        }))))
     }
 
     async fn get_agent_events(
@@ -373,6 +491,9 @@ pub struct NodeServer {
 pub struct ServeOptions {
     /// Also serve FlowBatches.
     pub batches: bool,
+    /// Serve FlowBatches from the encoded flows ([`SyntheticBatches`]) rather than over
+    /// the Observer as node exporters do: cheaper, for benchmarks of the relay.
+    pub encoded_batches: bool,
     pub tls: Option<tonic::transport::ServerTlsConfig>,
     /// Also serve `peer.Peer` with this list.
     pub peers: Option<tokio::sync::watch::Receiver<Vec<crate::peer::PeerNode>>>,
@@ -404,7 +525,14 @@ impl NodeServer {
         }
         let router = builder
             .add_service(ObserverServer::from_arc(observer.clone()))
-            .add_optional_service(opts.batches.then(|| crate::batches::server(observer)))
+            .add_optional_service(
+                (opts.batches && !opts.encoded_batches)
+                    .then(|| crate::batches::server(observer.clone())),
+            )
+            .add_optional_service((opts.batches && opts.encoded_batches).then(|| {
+                FlowBatchesServer::new(SyntheticBatches(observer.0.clone()))
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            }))
             .add_optional_service(
                 opts.peers
                     .map(|p| crate::peer::PeerService::new(p).into_server()),
