@@ -16,7 +16,8 @@
 //!
 //! `cargo bench -p lumen-relay --bench merge` (env `RELAY_BENCH_FLOWS`, `RELAY_BENCH_RATE`,
 //! `RELAY_BENCH_SECS` change the sizes; `RELAY_BENCH_ONLY=latency` or `=throughput` runs
-//! one part).
+//! one part; `RELAY_BENCH_NODES=observer` serves the nodes' FlowBatches over their
+//! Observer, as node exporters do, instead of from the encoded flows).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -169,8 +170,11 @@ impl Cluster {
                 "127.0.0.1:0".parse().unwrap(),
                 ServeOptions {
                     batches: node_batches,
-                    // The nodes share the machine with the relay: keep them cheap.
-                    encoded_batches: true,
+                    // The nodes share the machine with the relay: keep them cheap
+                    // (`RELAY_BENCH_NODES=observer`: FlowBatches over the Observer, as
+                    // node exporters serve it).
+                    encoded_batches: std::env::var("RELAY_BENCH_NODES")
+                        .map_or(true, |v| v != "observer"),
                     threads: 1,
                     ..Default::default()
                 },
@@ -526,7 +530,7 @@ fn main() {
     }
     if only.is_empty() || only == "latency" {
         let window = Duration::from_millis(200);
-        for (nodes, quiet) in [(3, 0), (3, 1), (10, 3)] {
+        for (nodes, quiet) in [(3, 0), (3, 1), (10, 0), (10, 3)] {
             for idle_watermarks in [false, true] {
                 latency(
                     &client_rt,
