@@ -13,6 +13,7 @@ pub mod config;
 pub mod convert;
 pub mod datapath;
 pub mod decode;
+pub mod fswatch;
 pub mod inspect;
 pub mod interfaces;
 pub mod metadata;
@@ -195,12 +196,15 @@ pub async fn run(
     };
 
     // Policy directory: reload changed files, recompile, reprogram.
-    if config.policy_dir.is_some() {
+    if let Some(dir) = config.policy_dir.clone() {
         let state = state.clone();
         let mut stop = stop_rx.clone();
         let poll = config.endpoints_poll_interval;
+        // A change wakes the reload at once (inotify); the poll is the fallback.
+        let mut wake = fswatch::watch_dir(&dir);
         tokio::spawn(async move {
             loop {
+                let noticed = std::time::Instant::now();
                 let changed = {
                     let Ok(mut engine) = state.policy.lock() else {
                         return;
@@ -210,11 +214,17 @@ pub async fn run(
                         metrics.policy_errors.inc();
                     })
                 };
-                if changed {
-                    apply_policy(&state);
+                if changed && apply_policy(&state) {
+                    let took = noticed.elapsed();
+                    state
+                        .metrics
+                        .policy_change_seconds
+                        .observe(took.as_secs_f64());
+                    info!(took_ms = took.as_secs_f64() * 1e3, "policy change enforced");
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(poll) => {}
+                    _ = fswatch::changed(&mut wake) => {}
                     _ = stop.changed() => return,
                 }
             }
@@ -387,11 +397,12 @@ pub fn identity_allocator(patterns: &[String]) -> anyhow::Result<lumen_policy::I
 
 /// Compile the policy set against the current metadata and program the datapath maps
 /// (ipcache, policy, endpoints) incrementally.
-pub fn apply_policy(state: &NodeState) {
+/// Compiles and programs the policy in force; false when programming failed.
+pub fn apply_policy(state: &NodeState) -> bool {
     let present = interfaces::list_interfaces();
     let snap = state.metadata.current();
     let (Ok(mut engine), Ok(mut dp)) = (state.policy.lock(), state.datapath.lock()) else {
-        return;
+        return false;
     };
     let started = std::time::Instant::now();
     let ifindex_of = |name: &str| present.get(name).copied();
@@ -402,7 +413,11 @@ pub fn apply_policy(state: &NodeState) {
                 .policy_generation
                 .set(i64::from(engine.generation));
             tracing::debug!(took = ?started.elapsed(), generation = engine.generation, "policy programmed");
+            true
         }
-        Err(e) => warn!(error = %e, "programming policy maps failed"),
+        Err(e) => {
+            warn!(error = %e, "programming policy maps failed");
+            false
+        }
     }
 }

@@ -102,6 +102,13 @@ impl EndpointsWatcher {
     ) {
         let mut last: Option<u64> = None;
         let mut first = true;
+        // A change in the file's directory wakes the check at once; the poll is the
+        // fallback.
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+            _ => std::path::PathBuf::from("."),
+        };
+        let mut wake = crate::fswatch::watch_dir(&dir);
         loop {
             let fp = self.fingerprint();
             if fp != last || first {
@@ -131,6 +138,7 @@ impl EndpointsWatcher {
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.poll) => {}
+                _ = crate::fswatch::changed(&mut wake) => {}
                 _ = shutdown.changed() => return,
             }
         }

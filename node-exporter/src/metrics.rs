@@ -7,7 +7,12 @@ use std::sync::{
 
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{exponential_buckets, Histogram},
+    },
     registry::Registry,
 };
 
@@ -35,6 +40,7 @@ pub mod names {
     pub const IDENTITY_COLLISIONS: &str = "lumen_identity_collisions";
     pub const POLICY_RELOAD_ERRORS: &str = "lumen_policy_reload_errors";
     pub const POLICY_GENERATION: &str = "lumen_policy_generation";
+    pub const POLICY_CHANGE_SECONDS: &str = "lumen_policy_change_seconds";
     pub const POLICY_VERDICTS: &str = "lumen_datapath_policy_verdicts";
 }
 
@@ -95,6 +101,8 @@ pub struct Metrics {
     pub policy_errors: Counter,
     pub identity_collisions: Gauge,
     pub policy_generation: Gauge,
+    /// From a change in the policy directory being noticed to its enforcement.
+    pub policy_change_seconds: Histogram,
     pub policy_verdicts: Family<VerdictLabels, Counter>,
     last_dp: Mutex<DatapathCounters>,
     /// Events lost in the kernel so far (mirrors the datapath counter for ServerStatus).
@@ -129,6 +137,8 @@ impl Metrics {
             policy_errors: Counter::default(),
             identity_collisions: Gauge::default(),
             policy_generation: Gauge::default(),
+            // 0.5 ms .. ~16 s.
+            policy_change_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             policy_verdicts: Family::default(),
             last_dp: Mutex::new(DatapathCounters::default()),
             kernel_lost: AtomicU64::new(0),
@@ -232,6 +242,12 @@ impl Metrics {
                 POLICY_GENERATION,
                 "Generation of the policy programmed in the datapath",
                 m.policy_generation.clone(),
+            );
+            r.register(
+                POLICY_CHANGE_SECONDS,
+                "Time from noticing a policy file change (inotify, or the poll) to the change \
+                 being enforced in the datapath: reread, compile, map sync",
+                m.policy_change_seconds.clone(),
             );
             r.register(
                 POLICY_VERDICTS,
