@@ -16,8 +16,10 @@
 //!
 //! `cargo bench -p lumen-relay --bench merge` (env `RELAY_BENCH_FLOWS`, `RELAY_BENCH_RATE`,
 //! `RELAY_BENCH_SECS` change the sizes; `RELAY_BENCH_ONLY=latency` or `=throughput` runs
-//! one part; `RELAY_BENCH_NODES=observer` serves the nodes' FlowBatches over their
-//! Observer, as node exporters do, instead of from the encoded flows).
+//! one part). Nodes serve FlowBatches over their Observer, as node exporters do, in the
+//! throughput runs, and straight from their encoded flows (cheaper, so the latency runs
+//! measure the relay rather than a machine the nodes saturate) in the latency runs;
+//! `RELAY_BENCH_NODES=observer` or `=encoded` picks one for both.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -170,11 +172,12 @@ impl Cluster {
                 "127.0.0.1:0".parse().unwrap(),
                 ServeOptions {
                     batches: node_batches,
-                    // The nodes share the machine with the relay: keep them cheap
-                    // (`RELAY_BENCH_NODES=observer`: FlowBatches over the Observer, as
-                    // node exporters serve it).
-                    encoded_batches: std::env::var("RELAY_BENCH_NODES")
-                        .map_or(true, |v| v != "observer"),
+                    encoded_batches: match std::env::var("RELAY_BENCH_NODES").as_deref() {
+                        Ok("observer") => false,
+                        Ok("encoded") => true,
+                        // Latency runs: the nodes share the machine with the relay.
+                        _ => live,
+                    },
                     threads: 1,
                     ..Default::default()
                 },
