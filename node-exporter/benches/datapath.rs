@@ -50,6 +50,7 @@ fn datapath_cost() {
     let mut dp = Datapath::load(LoadOptions {
         ring_bytes: 1 << 24,
         conntrack_entries: 1 << 20,
+        conntrack_entries_ipv6: 1 << 20,
     })
     .expect("load datapath");
     // No periodic updates during the measurement: the established path emits nothing.

@@ -216,6 +216,7 @@ impl Dp {
         let mut dp = Datapath::load(LoadOptions {
             ring_bytes: 1 << 24,
             conntrack_entries: 1 << 18,
+            conntrack_entries_ipv6: 1 << 18,
         })
         .expect("load datapath");
         // No periodic updates during measurements: the established path emits nothing.

@@ -45,8 +45,10 @@ pub struct Config {
     pub flow_ring_capacity: usize,
     /// BPF ring buffer size in bytes (power of two, multiple of 4096).
     pub ring_buffer_bytes: u32,
-    /// Conntrack (LRU) entries.
+    /// IPv4 conntrack (LRU) entries (preallocated, about 200 bytes each).
     pub conntrack_entries: u32,
+    /// IPv6 conntrack (LRU) entries (a map of its own, about 225 bytes each).
+    pub conntrack_entries_ipv6: u32,
     pub aggregation: Aggregation,
     /// Periodic update interval for long-lived flows.
     #[serde(with = "humantime_serde")]
@@ -90,6 +92,9 @@ impl Default for Config {
             // 8 MiB holds ~55k events: several seconds of bursts at the drain interval.
             ring_buffer_bytes: lumen_datapath_common::DEFAULT_RING_BYTES,
             conntrack_entries: lumen_datapath_common::DEFAULT_CONNTRACK_ENTRIES,
+            // Most clusters carry far less IPv6 than IPv4; a quarter keeps the two maps
+            // near the memory of the single map they replaced.
+            conntrack_entries_ipv6: lumen_datapath_common::DEFAULT_CONNTRACK_ENTRIES / 4,
             aggregation: Aggregation::Flows,
             // Cilium's monitor reports long flows about every 5 s by default.
             report_interval: Duration::from_secs(5),
@@ -161,6 +166,12 @@ impl Config {
         if self.conntrack_entries == 0 {
             return Err(ConfigError::invalid(
                 "conntrack_entries",
+                "0: must be at least 1",
+            ));
+        }
+        if self.conntrack_entries_ipv6 == 0 {
+            return Err(ConfigError::invalid(
+                "conntrack_entries_ipv6",
                 "0: must be at least 1",
             ));
         }

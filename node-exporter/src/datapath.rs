@@ -61,8 +61,10 @@ pub enum DatapathError {
 #[derive(Debug, Clone, Copy)]
 pub struct LoadOptions {
     pub ring_bytes: u32,
-    /// Size of each conntrack LRU (one for IPv4, one for IPv6).
+    /// Size of the IPv4 conntrack LRU.
     pub conntrack_entries: u32,
+    /// Size of the IPv6 conntrack LRU.
+    pub conntrack_entries_ipv6: u32,
 }
 
 struct Attachment {
@@ -108,7 +110,7 @@ impl Datapath {
         }
         let ebpf = EbpfLoader::new()
             .map_max_entries(map_names::EVENTS, opts.ring_bytes)
-            .map_max_entries(map_names::CONNTRACK, opts.conntrack_entries)
+            .map_max_entries(map_names::CONNTRACK, opts.conntrack_entries_ipv6)
             .map_max_entries(map_names::CONNTRACK4, opts.conntrack_entries)
             .load(DATAPATH_OBJECT)
             .map_err(|source| DatapathError::Load { source })?;

@@ -105,6 +105,7 @@ pub async fn run(
     let mut dp = Datapath::load(LoadOptions {
         ring_bytes: config.ring_buffer_bytes,
         conntrack_entries: config.conntrack_entries,
+        conntrack_entries_ipv6: config.conntrack_entries_ipv6,
     })?;
     dp.set_config(datapath_config(&config))?;
     let events = dp.take_ring()?;

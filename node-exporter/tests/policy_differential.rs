@@ -1076,6 +1076,7 @@ impl Harness {
         let mut dp = Datapath::load(LoadOptions {
             ring_bytes: 1 << 22,
             conntrack_entries: 1 << 18,
+            conntrack_entries_ipv6: 1 << 18,
         })
         .expect("load the datapath");
         // One event per packet, every drop reported: each case yields exactly one record.
