@@ -362,7 +362,12 @@ fn latency(client_rt: &tokio::runtime::Runtime, run: LatencyRun) {
     let node_addrs: Vec<SocketAddr> = cluster.nodes.iter().map(|s| s.address).collect();
     let names: Vec<Arc<str>> = nodes.iter().map(|n| Arc::from(n.name())).collect();
     let busy: Vec<Arc<SyntheticNode>> = nodes[..n - quiet].to_vec();
-    let total = (rate as f64 * seconds) as usize;
+    // The first second warms up (the relay learns the nodes' transit times); flows of it
+    // are delivered but not counted in the figures.
+    let warmup = seconds.min(1.0);
+    let total = (rate as f64 * (seconds + warmup)) as usize;
+    let measure_from = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX));
+    let measure_from_pusher = measure_from.clone();
     let cpu = || {
         (
             thread_cpu_seconds("relay-bench"),
@@ -419,6 +424,10 @@ fn latency(client_rt: &tokio::runtime::Runtime, run: LatencyRun) {
         let mut s = futures::stream::select_all(streams);
         // Let every node stream open before pushing.
         tokio::time::sleep(Duration::from_millis(500)).await;
+        measure_from_pusher.store(
+            now_ns() + (warmup * 1e9) as i64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let pusher = std::thread::Builder::new()
             .name("bench-pusher".to_owned())
             .spawn(move || {
@@ -449,7 +458,8 @@ fn latency(client_rt: &tokio::runtime::Runtime, run: LatencyRun) {
             });
         let mut via_relay = Vec::with_capacity(total);
         let mut direct = Vec::with_capacity(total);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(seconds + 10.0);
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs_f64(seconds + warmup + 10.0);
         while via_relay.len() < total || direct.len() < total {
             match tokio::time::timeout_at(deadline, s.next()).await {
                 Ok(Some((relay, rs))) => {
@@ -470,6 +480,9 @@ fn latency(client_rt: &tokio::runtime::Runtime, run: LatencyRun) {
         (via_relay, direct, pushed)
     });
     let cpu1 = cpu();
+    let from = measure_from.load(std::sync::atomic::Ordering::Relaxed);
+    let via_relay: Vec<_> = via_relay.into_iter().filter(|e| e.1 >= from).collect();
+    let direct: Vec<_> = direct.into_iter().filter(|e| e.1 >= from).collect();
     let when_direct: std::collections::HashMap<(usize, i64), i64> =
         direct.iter().map(|&(n, t, r)| ((n, t), r)).collect();
     let mut added: Vec<i64> = via_relay
@@ -485,7 +498,7 @@ fn latency(client_rt: &tokio::runtime::Runtime, run: LatencyRun) {
     println!(
         "latency      {n:>2} nodes ({quiet} quiet) at {:>4} k flows/s, window {window:?}, idle watermarks {:<3}: \
          added p50 {:>6.2} ms, p99 {:>6.2} ms, max {:>6.2} ms | flow→client via relay p50 {:.2} p99 {:.2} ms, \
-         direct p50 {:.2} p99 {:.2} ms | {} of {pushed} flows via relay, {} late, {} window-released | CPU s relay {:.2} client {:.2} nodes {:.2}",
+         direct p50 {:.2} p99 {:.2} ms | {} flows measured of {pushed} pushed (warm-up {warmup} s), {} late, {} window-released | CPU s relay {:.2} client {:.2} nodes {:.2}",
         rate / 1000,
         if idle_watermarks { "on" } else { "off" },
         percentile(&added, 0.50),

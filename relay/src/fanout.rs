@@ -54,6 +54,8 @@ const OUT_BATCH: usize = 512;
 const LOST_RETRY: Duration = Duration::from_millis(200);
 /// How long a node-to-merge transit counts towards the transit bound (one to two periods).
 const TRANSIT_PERIOD: Duration = Duration::from_secs(1);
+/// How long flows must have been seen before idle streams' watermarks are inferred.
+const TRANSIT_LEARN: Duration = Duration::from_millis(250);
 
 /// How fan-outs behave (from the relay's config).
 #[derive(Debug, Clone)]
@@ -214,7 +216,7 @@ pub async fn run(
     let mut ready = Vec::new();
     let mut last_input = Instant::now();
     let mut next_slot = 0usize;
-    let mut transit = TransitBound::new(TRANSIT_PERIOD);
+    let mut transit = TransitBound::new(TRANSIT_PERIOD, TRANSIT_LEARN);
     let mut infer_wake: Option<Instant> = None;
     loop {
         // Wait for input, a deadline, membership changes or the client leaving.

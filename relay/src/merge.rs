@@ -380,9 +380,16 @@ impl Merge {
 /// FlowBatches RPC carries a node's own watermark, so this is an inference: a flow slower
 /// than every flow of the last periods by more than the margin arrives late (counted as a
 /// late flow, as one that misses the window is). The sort window stays the hard limit.
+///
+/// A bound is only given once flows have been seen continuously for `learn`: the first
+/// batches of a stream (or the first after a silence) say too little about how late the
+/// others' flows may be.
 #[derive(Debug, Clone)]
 pub struct TransitBound {
     period_ns: i64,
+    learn_ns: i64,
+    /// Wall ns of the first flow since transits were last unknown.
+    learning_since: Option<i64>,
     /// Wall ns when the current period began (`None`: nothing recorded yet).
     started: Option<i64>,
     current: Option<i64>,
@@ -395,10 +402,13 @@ impl TransitBound {
     pub const MARGIN_FRACTION: i64 = 4;
     pub const MIN_MARGIN_NS: i64 = 2_000_000;
 
-    /// `period`: how long an observation counts (one to two periods).
-    pub fn new(period: std::time::Duration) -> Self {
+    /// `period`: how long an observation counts (one to two periods); `learn`: how long
+    /// flows must have been seen before a bound is given.
+    pub fn new(period: std::time::Duration, learn: std::time::Duration) -> Self {
         Self {
             period_ns: period.as_nanos().clamp(1, i64::MAX as u128) as i64,
+            learn_ns: learn.as_nanos().min(i64::MAX as u128) as i64,
+            learning_since: None,
             started: None,
             current: None,
             previous: None,
@@ -427,6 +437,9 @@ impl TransitBound {
             self.started = Some(now_ns);
         }
         self.rotate(now_ns);
+        if self.current.is_none() && self.previous.is_none() {
+            self.learning_since = Some(now_ns);
+        }
         // A node whose clock runs ahead shows a negative transit: it is not faster.
         let transit = now_ns.saturating_sub(flow_ns).max(0);
         self.current = Some(self.current.map_or(transit, |c| c.max(transit)));
@@ -439,6 +452,12 @@ impl TransitBound {
             (Some(a), Some(b)) => a.max(b),
             (a, b) => a.or(b)?,
         };
+        if self
+            .learning_since
+            .is_none_or(|l| now_ns.saturating_sub(l) < self.learn_ns)
+        {
+            return None;
+        }
         let margin = (slowest / Self::MARGIN_FRACTION).max(Self::MIN_MARGIN_NS);
         Some(slowest.saturating_add(margin))
     }
@@ -595,9 +614,11 @@ mod tests {
     #[test]
     fn the_transit_bound_is_the_slowest_recent_transit_plus_a_margin() {
         let ms = 1_000_000i64;
-        let mut t = TransitBound::new(Duration::from_secs(1));
+        let mut t = TransitBound::new(Duration::from_secs(1), Duration::from_millis(5));
         let t0 = 1_000_000 * ms;
         assert_eq!(t.bound(t0), None, "nothing seen");
+        t.record(t0 - 10 * ms, t0 - 11 * ms);
+        assert_eq!(t.bound(t0 - 6 * ms), None, "seen for 4 ms only");
         t.record(t0, t0 - 10 * ms);
         t.record(t0 + 5 * ms, t0 + 2 * ms);
         assert_eq!(
@@ -612,11 +633,12 @@ mod tests {
         assert_eq!(t.bound(t0 + 1100 * ms), Some(12_500_000));
         // ...not after it: the small margin applies to a small transit.
         assert_eq!(t.bound(t0 + 2200 * ms), Some(3 * ms));
-        // Nothing seen for two periods: no bound.
+        // Nothing seen for two periods: no bound, and it is learnt again.
         assert_eq!(t.bound(t0 + 9000 * ms), None);
         // A clock ahead of the relay's is not a negative transit.
         t.record(t0 + 9000 * ms, t0 + 9500 * ms);
-        assert_eq!(t.bound(t0 + 9000 * ms), Some(2 * ms));
+        assert_eq!(t.bound(t0 + 9001 * ms), None);
+        assert_eq!(t.bound(t0 + 9005 * ms), Some(2 * ms));
     }
 
     #[test]
