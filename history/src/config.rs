@@ -104,6 +104,10 @@ pub struct RetryConfig {
     /// Attempts for an unrecognised error before the batch is dead-lettered. Transient
     /// errors (ClickHouse away) are retried for as long as it takes.
     pub unknown_error_attempts: u32,
+    /// Attempts for an error that says the data or schema is wrong before the batch is
+    /// dead-lettered. More than one: a server shutting down answers inserts with such
+    /// errors (tables detaching, request bodies cut), which do not repeat once it is back.
+    pub permanent_error_attempts: u32,
 }
 
 impl Default for RetryConfig {
@@ -113,6 +117,7 @@ impl Default for RetryConfig {
             // Reconnects within seconds of ClickHouse returning, without hammering it meanwhile.
             max_backoff: Duration::from_secs(10),
             unknown_error_attempts: 5,
+            permanent_error_attempts: 3,
         }
     }
 }

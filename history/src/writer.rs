@@ -749,6 +749,7 @@ impl Inserter {
         let mut check = self.check_upto.is_some_and(|upto| seq <= upto);
         let mut attempt: u32 = 0;
         let mut unknown_attempts: u32 = 0;
+        let mut permanent_attempts: u32 = 0;
         let mut token_suffix = 0u32;
         loop {
             if self.stopping() {
@@ -813,8 +814,17 @@ impl Inserter {
                     }
                     match class {
                         ErrorClass::Permanent => {
-                            self.dead_letter(seq, &batch, &e.to_string());
-                            return;
+                            permanent_attempts += 1;
+                            let limit = self.shared.cfg.retry.permanent_error_attempts.max(1);
+                            if permanent_attempts >= limit {
+                                self.dead_letter(
+                                    seq,
+                                    &batch,
+                                    &format!("rejected {permanent_attempts} times: {e}"),
+                                );
+                                return;
+                            }
+                            warn!(error = %e, attempt = permanent_attempts, "ClickHouse rejected a batch; retrying before setting it aside");
                         }
                         ErrorClass::Unknown => {
                             unknown_attempts += 1;
