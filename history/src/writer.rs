@@ -812,39 +812,33 @@ impl Inserter {
                     if !certainly_not_sent(&e) {
                         check = true;
                     }
-                    match class {
-                        ErrorClass::Permanent => {
-                            permanent_attempts += 1;
-                            let limit = self.shared.cfg.retry.permanent_error_attempts.max(1);
-                            if permanent_attempts >= limit {
-                                self.dead_letter(
-                                    seq,
-                                    &batch,
-                                    &format!("rejected {permanent_attempts} times: {e}"),
-                                );
-                                return;
-                            }
-                            warn!(error = %e, attempt = permanent_attempts, "ClickHouse rejected a batch; retrying before setting it aside");
+                    // Errors that say the batch is bad are retried a bounded number of
+                    // times (a stopping server answers that way too), then set aside.
+                    let limited = match class {
+                        ErrorClass::Permanent => Some((
+                            &mut permanent_attempts,
+                            self.shared.cfg.retry.permanent_error_attempts,
+                            "rejected",
+                        )),
+                        ErrorClass::Unknown => Some((
+                            &mut unknown_attempts,
+                            self.shared.cfg.retry.unknown_error_attempts,
+                            "unrecognised error",
+                        )),
+                        ErrorClass::Transient => None,
+                    };
+                    if let Some((attempts, limit, what)) = limited {
+                        *attempts += 1;
+                        if *attempts >= limit.max(1) {
+                            let note = format!("{what}, gave up after {attempts} attempts: {e}");
+                            self.dead_letter(seq, &batch, &note);
+                            return;
                         }
-                        ErrorClass::Unknown => {
-                            unknown_attempts += 1;
-                            if unknown_attempts >= self.shared.cfg.retry.unknown_error_attempts {
-                                self.dead_letter(
-                                    seq,
-                                    &batch,
-                                    &format!("gave up after {unknown_attempts} attempts: {e}"),
-                                );
-                                return;
-                            }
-                            warn!(error = %e, attempt = unknown_attempts, "unrecognised insert error; retrying");
-                        }
-                        ErrorClass::Transient => {
-                            if attempt == 0 {
-                                warn!(error = %e, "ClickHouse insert failed; spooling and retrying");
-                            } else {
-                                debug!(error = %e, attempt, "ClickHouse insert failed again");
-                            }
-                        }
+                        warn!(error = %e, attempt = *attempts, "ClickHouse insert failed ({what}); retrying before setting the batch aside");
+                    } else if attempt == 0 {
+                        warn!(error = %e, "ClickHouse insert failed; spooling and retrying");
+                    } else {
+                        debug!(error = %e, attempt, "ClickHouse insert failed again");
                     }
                     self.shared
                         .metrics

@@ -149,6 +149,23 @@ fn parse_rfc3339(s: &str) -> i64 {
     t.duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64
 }
 
+/// The flow events in `db.flows`, as (flow id, time ns): the compatible schema keeps
+/// whole seconds plus the nanoseconds within the second.
+fn stored_flows(ch: &history_common::ClickHouse, db: &str) -> HashSet<(u64, i64)> {
+    ch.client(&format!(
+        "SELECT flow_id, toUInt32(time), time_ns FROM {db}.flows FORMAT TabSeparated"
+    ))
+    .lines()
+    .filter_map(|l| {
+        let mut it = l.split('\t');
+        let id: u64 = it.next()?.parse().ok()?;
+        let secs: i64 = it.next()?.parse().ok()?;
+        let ns: i64 = it.next()?.parse().ok()?;
+        Some((id, secs * 1_000_000_000 + ns))
+    })
+    .collect()
+}
+
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !f() {
@@ -381,17 +398,7 @@ fn every_relayed_flow_is_in_clickhouse_exactly_once() {
     );
     // (Flow events are identified by connection id and time; the compatible schema keeps
     // whole seconds plus the nanoseconds within the second.)
-    let stored: HashSet<(u64, i64)> = ch
-        .client("SELECT flow_id, toUInt32(time), time_ns FROM lumen_e2e.flows FORMAT TabSeparated")
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split('\t');
-            let id: u64 = it.next()?.parse().ok()?;
-            let secs: i64 = it.next()?.parse().ok()?;
-            let ns: i64 = it.next()?.parse().ok()?;
-            Some((id, secs * 1_000_000_000 + ns))
-        })
-        .collect();
+    let stored = stored_flows(&ch, "lumen_e2e");
     let missing: Vec<_> = served.difference(&stored).take(3).collect();
     assert!(
         missing.is_empty(),
@@ -640,19 +647,7 @@ fn a_relay_killed_and_restarted_leaves_no_gap_in_history() {
         "SELECT count() FROM (SELECT DISTINCT node, flow_id, time, time_ns FROM lumen_resume.flows)",
     );
     assert_eq!(rows, distinct, "no flow stored twice");
-    let stored: HashSet<(u64, i64)> = ch
-        .client(
-            "SELECT flow_id, toUInt32(time), time_ns FROM lumen_resume.flows FORMAT TabSeparated",
-        )
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split('\t');
-            let id: u64 = it.next()?.parse().ok()?;
-            let secs: i64 = it.next()?.parse().ok()?;
-            let ns: i64 = it.next()?.parse().ok()?;
-            Some((id, secs * 1_000_000_000 + ns))
-        })
-        .collect();
+    let stored = stored_flows(&ch, "lumen_resume");
     let missing: Vec<_> = expected.difference(&stored).take(3).collect();
     assert!(
         missing.is_empty(),
