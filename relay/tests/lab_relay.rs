@@ -328,6 +328,25 @@ fn count_flows(rs: &[GetFlowsResponse]) -> usize {
         .count()
 }
 
+/// The relay's answer is in time order and holds each flow of each node once.
+fn assert_time_ordered_once(via_relay: &[Flow]) {
+    for w in via_relay.windows(2) {
+        assert!(
+            time_of(&w[0]) <= time_of(&w[1]),
+            "relay answer out of time order"
+        );
+    }
+    let mut seen = HashSet::new();
+    for f in via_relay {
+        assert!(
+            seen.insert((f.node_name.clone(), f.uuid.clone())),
+            "flow {} of {} twice",
+            f.uuid,
+            f.node_name
+        );
+    }
+}
+
 fn time_of(f: &Flow) -> i64 {
     f.time.as_ref().map(timestamp_ns).unwrap_or_default()
 }
@@ -390,21 +409,7 @@ fn three_nodes_every_flow_once_in_time_order() {
     rt().block_on(async {
         let via_relay = flows(&get_all(&relay.address, req.clone()).await);
         assert!(!via_relay.is_empty());
-        for w in via_relay.windows(2) {
-            assert!(
-                time_of(&w[0]) <= time_of(&w[1]),
-                "relay answer out of time order"
-            );
-        }
-        let mut seen = HashSet::new();
-        for f in &via_relay {
-            assert!(
-                seen.insert((f.node_name.clone(), f.uuid.clone())),
-                "flow {} of {} twice",
-                f.uuid,
-                f.node_name
-            );
-        }
+        assert_time_ordered_once(&via_relay);
         let mut by_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for f in &via_relay {
             by_node
@@ -915,19 +920,7 @@ fn cross_node_traffic_through_the_relay() {
     };
     rt().block_on(async {
         let via_relay = flows(&get_all(&relay.address, req.clone()).await);
-        for w in via_relay.windows(2) {
-            assert!(
-                time_of(&w[0]) <= time_of(&w[1]),
-                "relay answer out of time order"
-            );
-        }
-        let mut seen = HashSet::new();
-        for f in &via_relay {
-            assert!(
-                seen.insert((f.node_name.clone(), f.uuid.clone())),
-                "flow twice"
-            );
-        }
+        assert_time_ordered_once(&via_relay);
         for (i, (name, addr)) in names.iter().zip(&addrs).enumerate() {
             let mut own: Vec<String> = flows(&get_all(addr, req.clone()).await)
                 .into_iter()
