@@ -6,12 +6,14 @@ use std::fmt;
 use anyhow::{Context as _, Result};
 use aya::programs::{SchedClassifier, TcAttachType};
 
-use crate::cmd;
+use crate::{cmd, netns};
 
 /// Every BPF attachment on one interface; see [`attachments`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Attachments {
     pub iface: String,
+    /// The network namespace `iface` is in; `None`: the root namespace.
+    pub netns: Option<String>,
     /// `tc filter show` lines, each prefixed with `ingress: ` or `egress: `.
     pub tc_filters: Vec<String>,
     /// TCX programs, as `ingress: id=<id> name=<name>` / `egress: …`.
@@ -32,7 +34,10 @@ impl Attachments {
 
 impl fmt::Display for Attachments {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:", self.iface)?;
+        match &self.netns {
+            Some(netns) => write!(f, "{} (in {netns}):", self.iface)?,
+            None => write!(f, "{}:", self.iface)?,
+        }
         if self.is_empty() {
             f.write_str(" nothing attached")?;
         }
@@ -109,9 +114,19 @@ pub fn xdp_program(iface: &str) -> Result<Option<String>> {
 pub fn attachments(iface: &str) -> Result<Attachments> {
     Ok(Attachments {
         iface: iface.to_owned(),
+        netns: None,
         tc_filters: tc_filters(iface)?,
         tcx: tcx_programs(iface)?,
         xdp: xdp_program(iface)?,
         clsact_qdisc: has_clsact(iface)?,
+    })
+}
+
+/// Every BPF attachment on `iface` in network namespace `netns` (a lab node's).
+pub fn attachments_in(netns: &str, iface: &str) -> Result<Attachments> {
+    let found = netns::run_in(netns, || attachments(iface))?;
+    Ok(Attachments {
+        netns: Some(netns.to_owned()),
+        ..found
     })
 }

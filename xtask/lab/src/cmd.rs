@@ -12,6 +12,14 @@ pub(crate) fn command(argv: &[&str]) -> Result<Command> {
     Ok(cmd)
 }
 
+/// `argv` run inside network namespace `netns` by `ip netns exec` (which also mounts that
+/// namespace's `/sys`, so tools reading `/sys/class/net` see its interfaces).
+pub(crate) fn in_netns<'a>(netns: &'a str, argv: &[&'a str]) -> Vec<&'a str> {
+    let mut full = vec!["ip", "netns", "exec", netns];
+    full.extend_from_slice(argv);
+    full
+}
+
 /// Runs `argv` to completion and returns its output whatever its exit status.
 pub(crate) fn run(argv: &[&str]) -> Result<Output> {
     command(argv)?

@@ -1,5 +1,5 @@
-//! The lab: a bridge in the root namespace acting as the node's host, and pods (network
-//! namespaces) attached to it by veth pairs.
+//! The lab: a bridge in the root namespace, pods (network namespaces) attached to it by veth
+//! pairs, and nodes (network namespaces of their own on the bridge) routing for their pods.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -10,15 +10,22 @@ use anyhow::{bail, Context as _, Result};
 use crate::attach::{self, Attachments};
 use crate::cmd;
 use crate::names::{self, Subnet};
+use crate::netns;
+use crate::node::Node;
 use crate::pod::Pod;
 
 /// How long a new pod may take until its addresses are usable.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Marks a bridge's `ifalias` as ours; the rest says who owns the lab.
 const ALIAS_TAG: &str = "lumen-lab";
+/// The IPv6 gateway of a pod on a node: a link-local address on the pod's host-side veth
+/// (Linux answers neighbour solicitations only for addresses of the interface asked, and
+/// solicits from a link-local one when it forwards).
+const NODE_POD_GATEWAY6: &str = "fe80::1";
 
-/// A lab of pods on one bridge. Dropping it deletes every namespace and link it created,
-/// also while unwinding from a panic; [`Lab::cleanup_stale`] handles processes that died.
+/// A lab of pods on one bridge, and of nodes on that bridge with pods of their own. Dropping
+/// it deletes every namespace and link it created, also while unwinding from a panic;
+/// [`Lab::cleanup_stale`] handles processes that died.
 ///
 /// ```no_run
 /// # fn main() -> anyhow::Result<()> {
@@ -29,6 +36,22 @@ const ALIAS_TAG: &str = "lumen-lab";
 /// assert_eq!(client.http_get(server.ipv4.into(), 8080, "/")?, server.http_index_body());
 /// # Ok(()) }
 /// ```
+///
+/// Several nodes, pods talking across them:
+///
+/// ```no_run
+/// # fn main() -> anyhow::Result<()> {
+/// let mut lab = lumen_lab::Lab::new("two-nodes")?;
+/// let node_a = lab.add_node("node-a")?;
+/// lab.add_node("node-b")?;
+/// let server = lab.add_pod_on("node-a", "server")?;
+/// let client = lab.add_pod_on("node-b", "client")?;
+/// let _http = server.http_server(8080)?;
+/// // Through node-b, the bridge and node-a; the node's own processes run in its namespace.
+/// assert_eq!(client.http_get(server.ipv6.into(), 8080, "/")?, server.http_index_body());
+/// let _exporter = node_a.spawn(&["lumen-node-exporter", "--interface", &server.host_if])?;
+/// # Ok(()) }
+/// ```
 pub struct Lab {
     id: String,
     name: String,
@@ -36,7 +59,9 @@ pub struct Lab {
     bridge_ifindex: u32,
     subnet: Subnet,
     pods: Vec<Pod>,
-    /// Host number of the next pod (the bridge is `.1`); never reused, so churn gets new names.
+    nodes: Vec<Node>,
+    /// Host number of the next pod or node (the bridge is `.1`); never reused, so churn gets
+    /// new names.
     next_host: u16,
     keep: bool,
 }
@@ -49,6 +74,7 @@ impl fmt::Debug for Lab {
             .field("bridge", &self.bridge)
             .field("ipv4", &self.subnet.ipv4_cidr())
             .field("ipv6", &self.subnet.ipv6_cidr())
+            .field("nodes", &self.nodes)
             .field("pods", &self.pods)
             .finish()
     }
@@ -96,6 +122,7 @@ impl Lab {
                 bridge_ifindex: 0,
                 subnet: Subnet { x: 0, y: 0 },
                 pods: Vec::new(),
+                nodes: Vec::new(),
                 next_host: 2,
                 keep: false,
             };
@@ -186,40 +213,65 @@ impl Lab {
         cmd::run_ok(&["ip", "link", "set", "dev", &self.bridge, "alias", &alias]).map(drop)
     }
 
-    /// Adds a pod: namespace `lmn-<id>-<name>`, `eth0` with the next free `.N` / `::N`,
-    /// default routes via the bridge, host side `lmh<id><N>` on the bridge. Returns once the
-    /// addresses are usable. `name`: 1-32 characters of `[a-z0-9-]`.
+    /// Adds a pod on the lab bridge: namespace `lmn-<id>-<name>`, `eth0` with the next free
+    /// `.N` / `::N`, default routes via the bridge, host side `lmh<id><N>` on the bridge.
+    /// Returns once the addresses are usable. `name`: 1-32 characters of `[a-z0-9-]`.
     pub fn add_pod(&mut self, name: &str) -> Result<Pod> {
-        if name.is_empty()
-            || name.len() > 32
-            || !name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        {
-            bail!("pod name {name:?} must be 1-32 characters of [a-z0-9-]");
-        }
+        self.add_pod_to(None, name)
+    }
+
+    /// Adds a pod on `node` ([`Lab::add_node`]): namespace `lmn-<id>-<name>`, `eth0` with the
+    /// next free `.N/32` / `::N/128`, default routes via the node (IPv4: the node's address;
+    /// IPv6: `fe80::1` on the host side), host side `lmh<id><N>` in the node's namespace with a
+    /// route to the pod there; every other node and the root namespace route `.N` / `::N` via
+    /// the node. Returns once the addresses are usable.
+    pub fn add_pod_on(&mut self, node: &str, name: &str) -> Result<Pod> {
+        let node = self
+            .node(node)
+            .cloned()
+            .with_context(|| format!("lab {} has no node {node:?}", self.id))?;
+        self.add_pod_to(Some(&node), name)
+    }
+
+    fn add_pod_to(&mut self, node: Option<&Node>, name: &str) -> Result<Pod> {
+        check_name("pod", name)?;
         if self.pods.iter().any(|p| p.name == name) {
             bail!("lab {} already has a pod {name:?}", self.id);
         }
-        let n = u8::try_from(self.next_host)
-            .ok()
-            .filter(|n| *n < 255)
-            .with_context(|| format!("lab {} has no host addresses left", self.id))?;
-        self.next_host += 1;
+        let n = self.claim_host()?;
         let netns = names::netns(&self.id, name);
         let host_if = names::host_if(&self.id, n);
-        match self.create_pod(name, n, &netns, &host_if) {
+        let made = match node {
+            None => self.create_pod(name, n, &netns, &host_if),
+            Some(node) => self.create_pod_on(node, name, n, &netns, &host_if),
+        };
+        match made {
             Ok(pod) => {
                 self.pods.push(pod.clone());
                 Ok(pod)
             }
             Err(e) => {
-                if let Err(cleanup) = destroy_pod_objects(&netns, &host_if) {
+                let host_netns = node.map(|node| node.netns.as_str());
+                let mut cleanup = destroy_netns_objects(&netns, host_netns, &host_if);
+                if node.is_some() {
+                    cleanup = cleanup.and(self.remove_routes_to(n));
+                }
+                if let Err(cleanup) = cleanup {
                     eprintln!("lumen-lab: cleaning up half-made pod {netns}: {cleanup:#}");
                 }
                 Err(e.context(format!("cannot add pod {name:?} to lab {}", self.id)))
             }
         }
+    }
+
+    /// The next host number, `.2` to `.254`.
+    fn claim_host(&mut self) -> Result<u8> {
+        let n = u8::try_from(self.next_host)
+            .ok()
+            .filter(|n| *n < 255)
+            .with_context(|| format!("lab {} has no host addresses left", self.id))?;
+        self.next_host += 1;
+        Ok(n)
     }
 
     fn create_pod(&self, name: &str, n: u8, netns: &str, host_if: &str) -> Result<Pod> {
@@ -261,15 +313,206 @@ impl Lab {
         for argv in steps {
             cmd::run_ok(argv)?;
         }
-        wait_pod_ready(netns, host_if)?;
+        wait_pod_ready(netns, None, host_if)?;
         Ok(Pod {
             name: name.to_owned(),
             netns: netns.to_owned(),
+            node: None,
             host_if: host_if.to_owned(),
             host_ifindex: ifindex(host_if)?,
             ipv4,
             ipv6,
         })
+    }
+
+    fn create_pod_on(
+        &self,
+        node: &Node,
+        name: &str,
+        n: u8,
+        netns: &str,
+        host_if: &str,
+    ) -> Result<Pod> {
+        let ipv4 = self.subnet.ipv4(n);
+        let ipv6 = self.subnet.ipv6(n);
+        let (v4, v6) = (format!("{ipv4}/32"), format!("{ipv6}/128"));
+        let gw4 = node.ipv4.to_string();
+        let gw6 = format!("{NODE_POD_GATEWAY6}/64");
+        let node_ns = node.netns.as_str();
+        let steps: [&[&str]; 14] = [
+            &["ip", "netns", "add", netns],
+            &[
+                "ip", "-n", node_ns, "link", "add", host_if, "type", "veth", "peer", "name",
+                "eth0", "netns", netns,
+            ],
+            // Only the gateway address below: no RS/MLD noise from a generated one.
+            &[
+                "ip",
+                "-n",
+                node_ns,
+                "link",
+                "set",
+                "dev",
+                host_if,
+                "addrgenmode",
+                "none",
+            ],
+            &["ip", "-n", node_ns, "link", "set", "dev", host_if, "up"],
+            &[
+                "ip", "-n", node_ns, "-6", "addr", "add", &gw6, "dev", host_if, "nodad",
+            ],
+            &["ip", "-n", node_ns, "route", "add", &v4, "dev", host_if],
+            &[
+                "ip", "-n", node_ns, "-6", "route", "add", &v6, "dev", host_if,
+            ],
+            &["ip", "-n", netns, "link", "set", "dev", "lo", "up"],
+            &["ip", "-n", netns, "addr", "add", &v4, "dev", "eth0"],
+            &[
+                "ip", "-n", netns, "-6", "addr", "add", &v6, "dev", "eth0", "nodad",
+            ],
+            &["ip", "-n", netns, "link", "set", "dev", "eth0", "up"],
+            // The node's address answers ARP on the host side (arp_ignore 0): an on-link
+            // gateway without an address of its own on that veth.
+            &[
+                "ip", "-n", netns, "route", "add", &gw4, "dev", "eth0", "scope", "link",
+            ],
+            &[
+                "ip", "-n", netns, "route", "add", "default", "via", &gw4, "dev", "eth0",
+            ],
+            &[
+                "ip",
+                "-n",
+                netns,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                NODE_POD_GATEWAY6,
+                "dev",
+                "eth0",
+            ],
+        ];
+        for argv in steps {
+            cmd::run_ok(argv)?;
+        }
+        for other in self.nodes.iter().filter(|other| other.name != node.name) {
+            add_routes(Some(&other.netns), self.subnet, n, node)?;
+        }
+        add_routes(None, self.subnet, n, node)?;
+        wait_pod_ready(netns, Some(node_ns), host_if)?;
+        Ok(Pod {
+            name: name.to_owned(),
+            netns: netns.to_owned(),
+            node: Some(node.name.clone()),
+            host_if: host_if.to_owned(),
+            host_ifindex: ifindex_in(node_ns, host_if)?,
+            ipv4,
+            ipv6,
+        })
+    }
+
+    /// Adds a node: namespace `lmnode-<id>-<name>` with forwarding on, `eth0` with the next
+    /// free `.N/24` / `::N/64`, a veth to the bridge (`lmh<id><N>` in the root namespace), and
+    /// routes to the pods already on other nodes. Put pods on it with [`Lab::add_pod_on`].
+    /// `name`: 1-32 characters of `[a-z0-9-]`.
+    pub fn add_node(&mut self, name: &str) -> Result<Node> {
+        check_name("node", name)?;
+        if self.nodes.iter().any(|n| n.name == name) {
+            bail!("lab {} already has a node {name:?}", self.id);
+        }
+        let n = self.claim_host()?;
+        let netns = names::node_netns(&self.id, name);
+        let uplink = names::host_if(&self.id, n);
+        match self.create_node(name, n, &netns, &uplink) {
+            Ok(node) => {
+                self.nodes.push(node.clone());
+                Ok(node)
+            }
+            Err(e) => {
+                if let Err(cleanup) = destroy_netns_objects(&netns, None, &uplink) {
+                    eprintln!("lumen-lab: cleaning up half-made node {netns}: {cleanup:#}");
+                }
+                Err(e.context(format!("cannot add node {name:?} to lab {}", self.id)))
+            }
+        }
+    }
+
+    fn create_node(&self, name: &str, n: u8, netns: &str, uplink: &str) -> Result<Node> {
+        let ipv4 = self.subnet.ipv4(n);
+        let ipv6 = self.subnet.ipv6(n);
+        let v4 = format!("{ipv4}/24");
+        let v6 = format!("{ipv6}/64");
+        cmd::run_ok(&["ip", "netns", "add", netns])?;
+        // Before any interface exists, so every one inherits it: the node routes, and its
+        // link-local addresses (the source of the neighbour solicitations it sends when
+        // forwarding) are usable at once instead of after duplicate address detection.
+        netns::sysctl(netns, "net/ipv4/ip_forward", "1")?;
+        netns::sysctl(netns, "net/ipv6/conf/all/forwarding", "1")?;
+        netns::sysctl(netns, "net/ipv6/conf/default/accept_dad", "0")?;
+        let steps: [&[&str]; 7] = [
+            &[
+                "ip", "link", "add", uplink, "type", "veth", "peer", "name", "eth0", "netns", netns,
+            ],
+            &["ip", "link", "set", "dev", uplink, "addrgenmode", "none"],
+            &[
+                "ip",
+                "link",
+                "set",
+                "dev",
+                uplink,
+                "master",
+                &self.bridge,
+                "up",
+            ],
+            &["ip", "-n", netns, "link", "set", "dev", "lo", "up"],
+            &["ip", "-n", netns, "addr", "add", &v4, "dev", "eth0"],
+            &[
+                "ip", "-n", netns, "-6", "addr", "add", &v6, "dev", "eth0", "nodad",
+            ],
+            &["ip", "-n", netns, "link", "set", "dev", "eth0", "up"],
+        ];
+        for argv in steps {
+            cmd::run_ok(argv)?;
+        }
+        wait_pod_ready(netns, None, uplink)?;
+        let node = Node {
+            name: name.to_owned(),
+            netns: netns.to_owned(),
+            uplink: uplink.to_owned(),
+            ipv4,
+            ipv6,
+        };
+        for pod in &self.pods {
+            let Some(owner) = pod.node.as_deref().and_then(|o| self.node(o)) else {
+                continue;
+            };
+            let host = self.subnet.host_of(pod.ipv4);
+            add_routes(Some(netns), self.subnet, host, owner)?;
+        }
+        Ok(node)
+    }
+
+    /// Deletes the routes other nodes and the root namespace have to host `.n` / `::n`.
+    fn remove_routes_to(&self, n: u8) -> Result<()> {
+        let v4 = format!("{}/32", self.subnet.ipv4(n));
+        let v6 = format!("{}/128", self.subnet.ipv6(n));
+        let mut argvs: Vec<Vec<&str>> = vec![
+            vec!["ip", "route", "del", &v4],
+            vec!["ip", "-6", "route", "del", &v6],
+        ];
+        for node in &self.nodes {
+            argvs.push(vec!["ip", "-n", &node.netns, "route", "del", &v4]);
+            argvs.push(vec!["ip", "-n", &node.netns, "-6", "route", "del", &v6]);
+        }
+        for argv in argvs {
+            if let Err(e) = cmd::run_ok(&argv) {
+                if !already_gone(&e) {
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Removes a pod: kills what runs in its namespace, deletes its veth pair and namespace.
@@ -280,7 +523,10 @@ impl Lab {
             .position(|p| p.name == name)
             .with_context(|| format!("lab {} has no pod {name:?}", self.id))?;
         let pod = self.pods.remove(i);
-        destroy_pod_objects(&pod.netns, &pod.host_if)?;
+        destroy_netns_objects(&pod.netns, self.host_netns(&pod), &pod.host_if)?;
+        if pod.node.is_some() {
+            self.remove_routes_to(self.subnet.host_of(pod.ipv4))?;
+        }
         Ok(pod)
     }
 
@@ -313,30 +559,62 @@ impl Lab {
     pub fn ipv6_cidr(&self) -> String {
         self.subnet.ipv6_cidr()
     }
-    /// Current pods, in creation order.
+    /// Current pods (on the bridge and on nodes), in creation order.
     pub fn pods(&self) -> &[Pod] {
         &self.pods
     }
     pub fn pod(&self, name: &str) -> Option<&Pod> {
         self.pods.iter().find(|p| p.name == name)
     }
-    /// Host-side veths of the current pods.
-    pub fn host_interfaces(&self) -> Vec<String> {
-        self.pods.iter().map(|p| p.host_if.clone()).collect()
+    /// Current pods on node `node`, in creation order.
+    pub fn pods_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
+        self.pods
+            .iter()
+            .filter(move |p| p.node.as_deref() == Some(node))
     }
-    /// The bridge and every current host-side veth.
+    /// Nodes, in creation order.
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+    /// Host-side veths of the current pods on the bridge (in the root namespace; those of
+    /// pods on a node are in the node's namespace: [`Lab::pods_on`]).
+    pub fn host_interfaces(&self) -> Vec<String> {
+        self.pods
+            .iter()
+            .filter(|p| p.node.is_none())
+            .map(|p| p.host_if.clone())
+            .collect()
+    }
+    /// The lab's interfaces in the root namespace: the bridge, the host-side veths of the
+    /// pods on it, and the nodes' uplinks.
     pub fn interfaces(&self) -> Vec<String> {
         std::iter::once(self.bridge.clone())
             .chain(self.host_interfaces())
+            .chain(self.nodes.iter().map(|n| n.uplink.clone()))
             .collect()
     }
 
-    /// BPF attachments on each of [`Lab::interfaces`].
+    /// BPF attachments on each of [`Lab::interfaces`] and on the host-side veth of every pod
+    /// on a node (in the node's namespace).
     pub fn attachments(&self) -> Result<Vec<Attachments>> {
-        self.interfaces()
-            .iter()
-            .map(|i| attach::attachments(i))
-            .collect()
+        let root = self
+            .interfaces()
+            .into_iter()
+            .map(|i| attach::attachments(&i));
+        let on_nodes = self.pods.iter().filter_map(|p| {
+            let netns = self.host_netns(p)?;
+            Some(attach::attachments_in(netns, &p.host_if))
+        });
+        root.chain(on_nodes).collect()
+    }
+
+    /// The namespace of `pod`'s host-side veth: its node's, `None` for the root namespace.
+    fn host_netns(&self, pod: &Pod) -> Option<&str> {
+        let node = self.node(pod.node.as_deref()?)?;
+        Some(node.netns.as_str())
     }
 
     /// Leaves the lab in place when dropped (for `cargo xtask lab up`); returns its id for
@@ -364,6 +642,7 @@ impl Lab {
                 owner: Owner::parse(alias.trim()),
                 host_interfaces: Vec::new(),
                 netns: Vec::new(),
+                node_netns: Vec::new(),
             });
         }
         let entry = |labs: &mut Vec<LabInfo>, id: &str| -> usize {
@@ -376,6 +655,7 @@ impl Lab {
                 owner: None,
                 host_interfaces: Vec::new(),
                 netns: Vec::new(),
+                node_netns: Vec::new(),
             });
             labs.len() - 1
         };
@@ -390,6 +670,10 @@ impl Lab {
                 let i = entry(&mut labs, id);
                 labs[i].netns.push(ns.clone());
             }
+            if let Some((id, _node)) = names::id_of_node_netns(ns) {
+                let i = entry(&mut labs, id);
+                labs[i].node_netns.push(ns.clone());
+            }
         }
         Ok(labs)
     }
@@ -398,7 +682,7 @@ impl Lab {
     /// starts with `name_prefix` (`""`: any). Only objects named like a lab's are considered:
     /// a lab whose owner is alive, or that was [kept](Lab::keep), or whose bridge has no
     /// lumen-lab alias is left alone; namespaces and veths whose bridge is gone are orphans
-    /// and always removed. Returns the names removed.
+    /// (pods' and nodes') and always removed. Returns the names removed.
     pub fn cleanup_stale(name_prefix: &str) -> Result<Vec<String>> {
         let mut removed = Vec::new();
         for lab in Self::list()? {
@@ -436,8 +720,15 @@ impl Drop for Lab {
             return;
         }
         let mut errors = Vec::new();
-        for pod in std::mem::take(&mut self.pods) {
-            if let Err(e) = destroy_pod_objects(&pod.netns, &pod.host_if) {
+        for pod in &self.pods {
+            if let Err(e) = destroy_netns_objects(&pod.netns, self.host_netns(pod), &pod.host_if) {
+                errors.push(e);
+            }
+        }
+        self.pods.clear();
+        // A node's routes and the host-side veths of its pods go with its namespace.
+        for node in std::mem::take(&mut self.nodes) {
+            if let Err(e) = destroy_netns_objects(&node.netns, None, &node.uplink) {
                 errors.push(e);
             }
         }
@@ -458,8 +749,12 @@ pub struct LabInfo {
     pub bridge: Option<String>,
     /// From the bridge's alias; `None` without a bridge or an alias of ours.
     pub owner: Option<Owner>,
+    /// Host-side veths and node uplinks in the root namespace.
     pub host_interfaces: Vec<String>,
+    /// Pod namespaces.
     pub netns: Vec<String>,
+    /// Node namespaces.
+    pub node_netns: Vec<String>,
 }
 
 /// Who made a lab: stored in its bridge's alias as
@@ -538,6 +833,54 @@ fn process_start_time(pid: u32) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// The ifindex of `iface` in namespace `netns`, from `ip -o link show` (`/sys/class/net` shows
+/// the root namespace's interfaces).
+fn ifindex_in(netns: &str, iface: &str) -> Result<u32> {
+    let line = cmd::run_ok(&["ip", "-n", netns, "-o", "link", "show", "dev", iface])?;
+    line.split(':')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .with_context(|| format!("no ifindex in `ip -o link show` of {iface} in {netns}: {line:?}"))
+}
+
+/// Pod and node names: 1-32 characters of `[a-z0-9-]`.
+fn check_name(what: &str, name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 32
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        bail!("{what} name {name:?} must be 1-32 characters of [a-z0-9-]");
+    }
+    Ok(())
+}
+
+/// Routes host `.n` / `::n` of `subnet` (a pod on node `via`) via the node's addresses, in
+/// `netns` (`None`: the root namespace).
+fn add_routes(netns: Option<&str>, subnet: Subnet, n: u8, via: &Node) -> Result<()> {
+    let (v4, v6) = (
+        format!("{}/32", subnet.ipv4(n)),
+        format!("{}/128", subnet.ipv6(n)),
+    );
+    let (via4, via6) = (via.ipv4.to_string(), via.ipv6.to_string());
+    let ns: &[&str] = match netns {
+        Some(netns) => &["-n", netns],
+        None => &[],
+    };
+    for route in [
+        ["-4", "route", "add", &v4, "via", &via4],
+        ["-6", "route", "add", &v6, "via", &via6],
+    ] {
+        let argv: Vec<&str> = std::iter::once("ip")
+            .chain(ns.iter().copied())
+            .chain(route)
+            .collect();
+        cmd::run_ok(&argv)?;
+    }
+    Ok(())
+}
+
 fn ifindex(iface: &str) -> Result<u32> {
     let path = format!("/sys/class/net/{iface}/ifindex");
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
@@ -546,9 +889,9 @@ fn ifindex(iface: &str) -> Result<u32> {
         .with_context(|| format!("malformed {path}: {text:?}"))
 }
 
-/// Waits until the pod's eth0 has carrier, no tentative global IPv6 address, and the host side
-/// forwards on the bridge.
-fn wait_pod_ready(netns: &str, host_if: &str) -> Result<()> {
+/// Waits until the pod's (or node's) eth0 has carrier, no tentative global IPv6 address, and
+/// the host side forwards on the bridge (`host_netns` `None`) or has carrier in `host_netns`.
+fn wait_pod_ready(netns: &str, host_netns: Option<&str>, host_if: &str) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         let link = cmd::run_ok(&["ip", "-n", netns, "-o", "link", "show", "dev", "eth0"])?;
@@ -566,21 +909,34 @@ fn wait_pod_ready(netns: &str, host_if: &str) -> Result<()> {
             "global",
             "tentative",
         ])?;
-        let port_state = std::fs::read_to_string(format!("/sys/class/net/{host_if}/brport/state"))
-            .unwrap_or_default();
-        // 3 = BR_STATE_FORWARDING.
-        let ready =
-            link.contains("LOWER_UP") && tentative.trim().is_empty() && port_state.trim() == "3";
+        let host_state = match host_netns {
+            None => {
+                // 3 = BR_STATE_FORWARDING.
+                let state =
+                    std::fs::read_to_string(format!("/sys/class/net/{host_if}/brport/state"))
+                        .unwrap_or_default();
+                format!("bridge port state {}", state.trim())
+            }
+            Some(host_netns) => {
+                let link = cmd::run_ok(&["ip", "-n", host_netns, "-o", "link", "show", host_if])?;
+                let carrier = if link.contains("LOWER_UP") {
+                    "up"
+                } else {
+                    "down"
+                };
+                format!("host side {carrier}")
+            }
+        };
+        let host_ready = matches!(host_state.as_str(), "bridge port state 3" | "host side up");
+        let ready = link.contains("LOWER_UP") && tentative.trim().is_empty() && host_ready;
         if ready {
             return Ok(());
         }
         if Instant::now() >= deadline {
             bail!(
-                "pod {netns} not ready after {READY_TIMEOUT:?}: link {:?}, tentative {:?}, \
-                 bridge port state {:?}",
+                "{netns} not ready after {READY_TIMEOUT:?}: link {:?}, tentative {:?}, {host_state}",
                 link.trim(),
                 tentative.trim(),
-                port_state.trim()
             );
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -612,16 +968,20 @@ fn already_gone(err: &anyhow::Error) -> bool {
     text.contains("Cannot find device")
         || text.contains("No such file")
         || text.contains("does not exist")
+        // `ip route del` of a route that is gone.
+        || text.contains("No such process")
 }
 
-/// Kills the processes in `netns`, deletes `host_if` (and with it the pod's eth0) and the
-/// namespace. Objects already gone are fine.
-fn destroy_pod_objects(netns: &str, host_if: &str) -> Result<()> {
+/// Kills the processes in `netns` (a pod's or a node's), deletes its veth to the host by the
+/// host end `host_if` (in `host_netns`, `None`: the root namespace) and the namespace.
+/// Objects already gone are fine.
+fn destroy_netns_objects(netns: &str, host_netns: Option<&str>, host_if: &str) -> Result<()> {
     kill_netns_processes(netns);
-    let steps: [&[&str]; 2] = [
-        &["ip", "link", "del", "dev", host_if],
-        &["ip", "netns", "del", netns],
-    ];
+    let del_link: Vec<&str> = match host_netns {
+        Some(host_netns) => vec!["ip", "-n", host_netns, "link", "del", "dev", host_if],
+        None => vec!["ip", "link", "del", "dev", host_if],
+    };
+    let steps: [&[&str]; 2] = [&del_link, &["ip", "netns", "del", netns]];
     for argv in steps {
         if let Err(e) = cmd::run_ok(argv) {
             if !already_gone(&e) {
@@ -645,12 +1005,15 @@ fn kill_netns_processes(netns: &str) {
     }
 }
 
-/// Deletes every namespace, host veth and bridge named after lab `id`.
+/// Deletes every namespace (pods' and nodes'), host veth and bridge named after lab `id`.
 fn destroy_lab_objects(id: &str) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     let mut errors = Vec::new();
     for ns in netns_names()? {
-        if names::id_of_netns(&ns).is_some_and(|(i, _)| i == id) {
+        let ours = names::id_of_netns(&ns)
+            .or_else(|| names::id_of_node_netns(&ns))
+            .is_some_and(|(i, _)| i == id);
+        if ours {
             kill_netns_processes(&ns);
             match cmd::run_ok(&["ip", "netns", "del", &ns]) {
                 Ok(_) => removed.push(ns),

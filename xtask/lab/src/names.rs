@@ -1,8 +1,9 @@
 //! Lab ids, the names derived from them, and the address plan.
 //!
 //! Every object a lab creates carries its id, so overlapping labs never collide and leftovers
-//! can be found by name: bridge `lmb<id>`, host-side veths `lmh<id><n>`, namespaces
-//! `lmn-<id>-<pod>`. Ids are 5 characters of `[0-9a-z]`.
+//! can be found by name: bridge `lmb<id>`, host-side veths `lmh<id><n>` (in the root
+//! namespace or in a node's), pod namespaces `lmn-<id>-<pod>`, node namespaces
+//! `lmnode-<id>-<node>`. Ids are 5 characters of `[0-9a-z]`.
 
 use std::collections::hash_map::{DefaultHasher, RandomState};
 use std::hash::{BuildHasher as _, Hash, Hasher as _};
@@ -14,6 +15,8 @@ pub(crate) const ID_LEN: usize = 5;
 pub(crate) const BRIDGE_PREFIX: &str = "lmb";
 pub(crate) const HOST_IF_PREFIX: &str = "lmh";
 pub(crate) const NETNS_PREFIX: &str = "lmn-";
+/// Not a prefix of [`NETNS_PREFIX`] nor the other way round: a pod may be called `node-1`.
+pub(crate) const NODE_NETNS_PREFIX: &str = "lmnode-";
 /// The second 16-bit group of every lab IPv6 address ("lm").
 const IPV6_TAG: u16 = 0x6c6d;
 
@@ -56,6 +59,10 @@ pub(crate) fn netns(id: &str, pod: &str) -> String {
     format!("{NETNS_PREFIX}{id}-{pod}")
 }
 
+pub(crate) fn node_netns(id: &str, node: &str) -> String {
+    format!("{NODE_NETNS_PREFIX}{id}-{node}")
+}
+
 /// The lab id in a bridge name `lmb<id>`.
 pub(crate) fn id_of_bridge(name: &str) -> Option<&str> {
     name.strip_prefix(BRIDGE_PREFIX).filter(|id| is_id(id))
@@ -70,9 +77,18 @@ pub(crate) fn id_of_host_if(name: &str) -> Option<&str> {
 
 /// The lab id and pod name in a namespace name `lmn-<id>-<pod>`.
 pub(crate) fn id_of_netns(name: &str) -> Option<(&str, &str)> {
-    let rest = name.strip_prefix(NETNS_PREFIX)?;
-    let (id, pod) = (rest.get(..ID_LEN)?, rest.get(ID_LEN..)?.strip_prefix('-')?);
-    (is_id(id) && !pod.is_empty()).then_some((id, pod))
+    split_netns(name.strip_prefix(NETNS_PREFIX)?)
+}
+
+/// The lab id and node name in a namespace name `lmnode-<id>-<node>`.
+pub(crate) fn id_of_node_netns(name: &str) -> Option<(&str, &str)> {
+    split_netns(name.strip_prefix(NODE_NETNS_PREFIX)?)
+}
+
+/// `<id>-<name>` into its two parts.
+fn split_netns(rest: &str) -> Option<(&str, &str)> {
+    let (id, name) = (rest.get(..ID_LEN)?, rest.get(ID_LEN..)?.strip_prefix('-')?);
+    (is_id(id) && !name.is_empty()).then_some((id, name))
 }
 
 /// A lab's /24 and /64: `10.<x>.<y>.0/24` and `fd00:6c6d:<x><y>::/64`, `x` in 200..250.
@@ -101,6 +117,11 @@ impl Subnet {
     pub fn ipv6(&self, host: u8) -> Ipv6Addr {
         let group = (u16::from(self.x) << 8) | u16::from(self.y);
         Ipv6Addr::new(0xfd00, IPV6_TAG, group, 0, 0, 0, 0, u16::from(host))
+    }
+
+    /// The host number `N` of `10.x.y.N`.
+    pub fn host_of(&self, ipv4: Ipv4Addr) -> u8 {
+        ipv4.octets()[3]
     }
 
     pub fn ipv4_cidr(&self) -> String {
@@ -186,6 +207,13 @@ mod tests {
         assert_eq!(id_of_host_if("lmhabcdex"), None);
         assert_eq!(id_of_bridge("lmbABCDE"), None);
         assert_eq!(id_of_netns("lmn-abcde"), None);
+        assert_eq!(
+            id_of_node_netns(&node_netns(&id, "node-1")),
+            Some((id.as_str(), "node-1"))
+        );
+        assert_eq!(id_of_netns(&node_netns(&id, "node-1")), None);
+        assert_eq!(id_of_node_netns(&netns(&id, "node-1")), None);
+        assert_eq!(id_of_node_netns("lmnode-abcde-"), None);
         assert_eq!(id_of_netns("lmn-abcde-"), None);
     }
 

@@ -16,7 +16,8 @@ const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a stopped background process may take to exit before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(3);
 
-/// A pod: a network namespace whose `eth0` is a veth to the lab bridge.
+/// A pod: a network namespace whose `eth0` is a veth to the lab bridge (in the root
+/// namespace), or to its [`Node`](crate::Node)'s namespace.
 ///
 /// It is plain data (cheap to clone); the [`Lab`](crate::Lab) owns the namespace. Methods on a
 /// pod that was removed fail.
@@ -25,12 +26,17 @@ pub struct Pod {
     pub name: String,
     /// `lmn-<lab id>-<name>`.
     pub netns: String,
-    /// The host-side veth, `lmh<lab id><N>`, in the root namespace (where the datapath attaches).
+    /// The node the pod runs on ([`Lab::add_pod_on`](crate::Lab::add_pod_on)); `None` for a
+    /// pod on the lab bridge ([`Lab::add_pod`](crate::Lab::add_pod)).
+    pub node: Option<String>,
+    /// The host-side veth, `lmh<lab id><N>` (where the datapath attaches): in the root
+    /// namespace, or in the node's namespace for a pod on a node.
     pub host_if: String,
+    /// The host-side veth's ifindex in its namespace.
     pub host_ifindex: u32,
-    /// `10.x.y.N` on `eth0`.
+    /// `10.x.y.N` on `eth0` (`/24` on the lab bridge, `/32` on a node).
     pub ipv4: Ipv4Addr,
-    /// `fd00:6c6d:xxyy::N` on `eth0`.
+    /// `fd00:6c6d:xxyy::N` on `eth0` (`/64` on the lab bridge, `/128` on a node).
     pub ipv6: Ipv6Addr,
 }
 
@@ -113,9 +119,7 @@ impl Pod {
     }
 
     fn netns_argv<'a>(&'a self, argv: &[&'a str]) -> Vec<&'a str> {
-        let mut full = vec!["ip", "netns", "exec", self.netns.as_str()];
-        full.extend_from_slice(argv);
-        full
+        cmd::in_netns(&self.netns, argv)
     }
 
     /// Starts `argv` in the pod in the background. Its stdout and stderr go to a log
@@ -306,7 +310,7 @@ impl std::fmt::Debug for Background {
 }
 
 impl Background {
-    fn start(argv: &[&str], keep: Option<tempfile::TempDir>) -> Result<Background> {
+    pub(crate) fn start(argv: &[&str], keep: Option<tempfile::TempDir>) -> Result<Background> {
         let dir = tempfile::Builder::new()
             .prefix("lumen-lab-bg-")
             .tempdir()

@@ -434,6 +434,8 @@ fn cleanup_stale_removes_dead_labs_only() {
     // A lab whose owner died: keep it, then claim a dead pid owns it.
     let mut dead = Lab::new("lab-stale").expect("lab");
     dead.add_pod("x").expect("pod");
+    dead.add_node("n").expect("node");
+    dead.add_pod_on("n", "y").expect("pod on node");
     let dead_bridge = dead.bridge().to_owned();
     let dead_id = dead.keep().expect("keep");
     let mut child = Command::new("true").spawn().expect("spawn");
@@ -465,6 +467,11 @@ fn cleanup_stale_removes_dead_labs_only() {
         .collect();
     assert!(removed.contains(&dead_bridge), "{removed:?}");
     assert!(removed.contains(&format!("lmn-{dead_id}-x")), "{removed:?}");
+    assert!(removed.contains(&format!("lmn-{dead_id}-y")), "{removed:?}");
+    assert!(
+        removed.contains(&format!("lmnode-{dead_id}-n")),
+        "{removed:?}"
+    );
     assert!(removed.contains(orphan), "{removed:?}");
     assert!(objects_with_id(&dead_id).is_empty());
     assert!(!netns_exists(orphan));
@@ -474,4 +481,194 @@ fn cleanup_stale_removes_dead_labs_only() {
     let destroyed = Lab::destroy(&kept_id).expect("destroy");
     assert_eq!(destroyed, [format!("lmb{kept_id}")]);
     assert!(Lab::destroy("../etc").is_err());
+}
+
+/// Routes of namespace `netns` (`None`: root) to `dst`, as `ip route show` prints them.
+fn routes_to(netns: Option<&str>, dst: IpAddr) -> String {
+    let mut cmd = Command::new("ip");
+    if let Some(ns) = netns {
+        cmd.args(["-n", ns]);
+    }
+    let family = if dst.is_ipv4() { "-4" } else { "-6" };
+    let out = cmd
+        .args([family, "route", "show", &dst.to_string()])
+        .output()
+        .expect("ip route");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn nodes_route_their_pods_to_each_other_and_clean_up() {
+    lumen_lab::require_privileges!("nodes_route_their_pods_to_each_other_and_clean_up");
+    let mut lab = Lab::new("lab-nodes").expect("lab");
+    let id = lab.id().to_owned();
+    let node_a = lab.add_node("node-a").expect("node a");
+    let node_b = lab.add_node("node-b").expect("node b");
+    assert!(
+        lab.add_node("node-a").is_err(),
+        "duplicate node name accepted"
+    );
+    assert!(
+        lab.add_node("Node_A").is_err(),
+        "invalid node name accepted"
+    );
+    let a1 = lab.add_pod_on("node-a", "a1").expect("pod a1");
+    let a2 = lab.add_pod_on("node-a", "a2").expect("pod a2");
+    let b1 = lab.add_pod_on("node-b", "b1").expect("pod b1");
+    assert!(
+        lab.add_pod_on("node-x", "x1").is_err(),
+        "unknown node accepted"
+    );
+    // A node added after pods exist gets routes to them.
+    let node_c = lab.add_node("node-c").expect("node c");
+    let c1 = lab.add_pod_on("node-c", "c1").expect("pod c1");
+
+    // Naming and placement: node namespaces of their own, host-side veths inside them.
+    assert_eq!(node_a.netns, format!("lmnode-{id}-node-a"));
+    assert!(netns_exists(&node_a.netns) && link_exists(&node_a.uplink));
+    let master = std::fs::read_link(format!("/sys/class/net/{}/master", node_b.uplink))
+        .expect("uplink enslaved");
+    assert!(master.ends_with(lab.bridge()), "{master:?}");
+    assert_eq!(a1.node.as_deref(), Some("node-a"));
+    assert!(
+        !link_exists(&a1.host_if),
+        "{} must not be in the root namespace",
+        a1.host_if
+    );
+    let link = node_a
+        .exec_ok(&["ip", "-o", "link", "show", "dev", &a1.host_if])
+        .expect("host side in node-a");
+    assert!(
+        link.starts_with(&format!("{}: ", a1.host_ifindex)),
+        "{link}"
+    );
+    assert_eq!(
+        lab.pods_on("node-a")
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>(),
+        ["a1", "a2"]
+    );
+    assert!(
+        lab.host_interfaces().is_empty(),
+        "{:?}",
+        lab.host_interfaces()
+    );
+    assert!(lab.interfaces().contains(&node_c.uplink));
+
+    // Same node, across nodes, IPv4 and IPv6; the root namespace reaches nodes and pods.
+    for (from, to) in [(&a1, &a2), (&a1, &b1), (&b1, &c1), (&c1, &a2)] {
+        for ip in [IpAddr::from(to.ipv4), IpAddr::from(to.ipv6)] {
+            let ping = from.ping(ip, 2).expect("ping");
+            assert!(ping.all_answered(), "{} -> {ip}: {ping:?}", from.name);
+        }
+    }
+    for ip in [
+        IpAddr::from(node_b.ipv4),
+        IpAddr::from(node_b.ipv6),
+        IpAddr::from(c1.ipv4),
+        IpAddr::from(c1.ipv6),
+    ] {
+        let out = Command::new("ping")
+            .args(["-n", "-c", "1", "-W", "2", &ip.to_string()])
+            .output()
+            .expect("ping from root");
+        assert!(out.status.success(), "root -> {ip}");
+    }
+
+    // An HTTP exchange a1 -> b1 crosses a1's host side on node-a and b1's on node-b, as the
+    // captures taken inside the two nodes show.
+    let _http = b1.http_server(8080).expect("http server");
+    let capture_in = |node: &lumen_lab::Node, iface: &str| {
+        Capture::start_with(
+            &[iface],
+            CaptureOptions {
+                netns: Some(node.netns.clone()),
+                filter: Some("tcp port 8080".into()),
+                ..CaptureOptions::default()
+            },
+        )
+        .expect("capture in node")
+    };
+    let on_a = capture_in(&node_a, &a1.host_if);
+    let on_b = capture_in(&node_b, &b1.host_if);
+    for ip in [IpAddr::from(b1.ipv4), IpAddr::from(b1.ipv6)] {
+        assert_eq!(
+            a1.http_get(ip, 8080, "/").expect("GET"),
+            b1.http_index_body()
+        );
+    }
+    let (on_a, on_b) = (on_a.stop().expect("stop"), on_b.stop().expect("stop"));
+    for ip in [IpAddr::from(b1.ipv4), IpAddr::from(b1.ipv6)] {
+        let syn = |p: &CapturedPacket| {
+            p.dst() == Some(ip) && p.tcp_flags().is_some_and(|f| f.is_syn() && !f.is_ack())
+        };
+        assert!(
+            on_a.iter()
+                .any(|p| syn(p) && p.seen(&a1.host_if, Direction::In)),
+            "SYN to {ip} leaving a1 on node-a: {}",
+            dump(&on_a)
+        );
+        assert!(
+            on_b.iter()
+                .any(|p| syn(p) && p.seen(&b1.host_if, Direction::Out)),
+            "SYN to {ip} reaching b1 on node-b: {}",
+            dump(&on_b)
+        );
+    }
+
+    // Attachments are looked up in the node's namespace.
+    for att in lab.attachments().expect("attachments") {
+        assert!(att.is_empty() && !att.clsact_qdisc, "{att}");
+    }
+    node_a
+        .exec_ok(&["tc", "qdisc", "add", "dev", &a1.host_if, "clsact"])
+        .expect("clsact in node-a");
+    node_a
+        .exec_ok(&[
+            "tc",
+            "filter",
+            "add",
+            "dev",
+            &a1.host_if,
+            "egress",
+            "bpf",
+            "bytecode",
+            "1,6 0 0 0,",
+        ])
+        .expect("filter in node-a");
+    let att = node_a.attachments(&a1.host_if).expect("attachments");
+    assert_eq!(att.netns.as_deref(), Some(node_a.netns.as_str()));
+    assert!(
+        !att.is_empty() && att.tc_filters.iter().all(|l| l.starts_with("egress: ")),
+        "{att}"
+    );
+    assert!(lab.attachments().expect("attachments").contains(&att));
+
+    // Removing a pod removes its routes everywhere.
+    lab.remove_pod("b1").expect("remove b1");
+    assert!(node_b
+        .exec_ok(&["ip", "-o", "link", "show", "dev", &b1.host_if])
+        .is_err());
+    for ns in [
+        Some(node_a.netns.as_str()),
+        Some(node_c.netns.as_str()),
+        None,
+    ] {
+        for ip in [IpAddr::from(b1.ipv4), IpAddr::from(b1.ipv6)] {
+            assert_eq!(routes_to(ns, ip), "", "route to {ip} left in {ns:?}");
+        }
+    }
+    assert!(routes_to(Some(&node_a.netns), c1.ipv4.into()).contains(&node_c.ipv4.to_string()));
+
+    let info = Lab::list().expect("list");
+    let mine = info.iter().find(|l| l.id == id).expect("listed");
+    assert_eq!(mine.netns.len(), 3, "{mine:?}");
+    assert_eq!(mine.node_netns.len(), 3, "{mine:?}");
+
+    drop(lab);
+    assert!(
+        objects_with_id(&id).is_empty(),
+        "{:?}",
+        objects_with_id(&id)
+    );
 }
