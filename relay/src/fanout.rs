@@ -10,11 +10,15 @@
 //!                                             one-shot: full ⇒ wait
 //! ```
 //!
-//! Following, a node stream that is connected and idle (caught up: nothing buffered in the
-//! merge, nothing waiting in its channel) does not hold the others back for the whole sort
-//! window: the merge task advances its watermark to `now − transit bound`, the slowest
-//! recent node-to-merge transit plus a margin ([`TransitBound`]). A stream's first window
-//! (its history, or a resumed stream's catch-up) is waited out as before.
+//! Following, a quiet node does not hold the others back for the whole sort window. A
+//! node that reports watermarks (FlowBatches from a node exporter: on every batch, and
+//! alone every heartbeat while it has nothing to send) is *exact*: the merge takes its
+//! word ([`Merge::report_watermark`], never past the relay's own clock). For a node stream
+//! that reports none (a stock Hubble node read with GetFlows) and is connected and idle
+//! (caught up: nothing buffered in the merge, nothing waiting in its channel), the merge
+//! task infers one instead: `now − transit bound`, the slowest recent node-to-merge
+//! transit plus a margin ([`TransitBound`]); that stream's first window (its history, or a
+//! resumed stream's catch-up) is waited out as before.
 //!
 //! Nodes failing mid-stream become node-status records for the client and stop holding
 //! the merge back; a following client's node task waits for the node to come back and
@@ -92,11 +96,15 @@ impl FanoutSettings {
 
 /// What a node task tells the merge.
 enum NodeMsg {
-    /// Flows in the node's order, received at monotonic `arrival` ns.
+    /// Flows in the node's order, received at monotonic `arrival` ns, and the node's
+    /// watermark after them if it reports one.
     Flows {
         flows: Vec<RawResponse>,
         arrival: u64,
+        watermark: Option<i64>,
     },
+    /// The node's watermark, alone (it had nothing else to send).
+    Watermark(i64),
     /// Responses that are not flows (lost events from the node), passed on as they come.
     Events(Vec<RawResponse>),
     /// The node's state for this stream changed.
@@ -117,6 +125,8 @@ struct SlotTask {
     /// Following: from when the stream counts as caught up when idle, so that its
     /// watermark may be inferred (`None`: never, an exact merge).
     infer_from: Option<Instant>,
+    /// The node reports its own watermarks on this stream: never inferred.
+    exact: bool,
 }
 
 impl Drop for SlotTask {
@@ -409,6 +419,7 @@ fn add_slot(
         task,
         done: false,
         infer_from,
+        exact: false,
     });
 }
 
@@ -487,7 +498,11 @@ impl Ctx<'_> {
             self.metrics,
         );
         match msg {
-            NodeMsg::Flows { flows, arrival } => {
+            NodeMsg::Flows {
+                flows,
+                arrival,
+                watermark,
+            } => {
                 if self.query.follow {
                     // The slowest transit of the batch is its oldest live flow's (history
                     // flows, at or before the request, say nothing about transit).
@@ -503,6 +518,9 @@ impl Ctx<'_> {
                 }
                 merge.set_live(slot, true);
                 merge.push(slot, flows, arrival, late);
+                if let Some(w) = watermark {
+                    report_watermark(self.slots, merge, slot, w);
+                }
                 if !late.is_empty() {
                     metrics.late_flows.inc_by(late.len() as u64);
                     match settings.late_flows {
@@ -519,6 +537,7 @@ impl Ctx<'_> {
                     }
                 }
             }
+            NodeMsg::Watermark(w) => report_watermark(self.slots, merge, slot, w),
             NodeMsg::Events(events) => {
                 for e in events {
                     sink.event(e);
@@ -533,10 +552,12 @@ impl Ctx<'_> {
                 merge.set_live(slot, connected);
                 if connected {
                     if let Some(s) = self.slots.get_mut(slot) {
-                        // A resumed stream first catches up on what it missed.
+                        // A resumed stream first catches up on what it missed, and is
+                        // exact again once it reports a watermark.
                         if s.infer_from.is_some() {
                             s.infer_from = Some(Instant::now() + settings.sort_window);
                         }
+                        s.exact = false;
                     }
                 }
                 sink.event(RawResponse::node_status(
@@ -557,9 +578,17 @@ impl Ctx<'_> {
     }
 }
 
-/// Following: advances the watermark of every live node stream that is idle and caught
-/// up to `now − transit bound`. Returns that lag (ns) when it applies, i.e. when it is
-/// shorter than the sort window.
+/// The node of `slot` reported its watermark: the stream is exact from now on.
+fn report_watermark(slots: &mut [SlotTask], merge: &mut Merge, slot: usize, watermark: i64) {
+    if let Some(s) = slots.get_mut(slot) {
+        s.exact = true;
+    }
+    merge.report_watermark(slot, watermark, now_ns());
+}
+
+/// Following: advances the watermark of every live node stream that reports none and is
+/// idle and caught up to `now − transit bound`. Returns that lag (ns) when it applies,
+/// i.e. when it is shorter than the sort window.
 fn infer_watermarks(
     merge: &mut Merge,
     slots: &[SlotTask],
@@ -577,7 +606,7 @@ fn infer_watermarks(
     let now = Instant::now();
     for (i, s) in slots.iter().enumerate() {
         let caught_up = s.infer_from.is_some_and(|f| f <= now);
-        if caught_up && !s.done && merge.is_quiet(i) && s.rx.is_empty() {
+        if caught_up && !s.exact && !s.done && merge.is_quiet(i) && s.rx.is_empty() {
             merge.advance(i, now_wall.saturating_sub(lag));
         }
     }
@@ -594,6 +623,13 @@ fn inference_wake(merge: &mut Merge, slots: &[SlotTask], lag: i64) -> Option<Ins
     let mut at = now + Duration::from_nanos(wait);
     for (i, s) in slots.iter().enumerate() {
         if !s.done && merge.is_quiet(i) {
+            if s.exact {
+                // Its own reports release the flow, if it is not already past it.
+                if merge.watermark(i).is_some_and(|w| w >= t) {
+                    continue;
+                }
+                return None;
+            }
             // A stream that is never inferred (or has input waiting) is released by the
             // window or by its input, not by this timer.
             let f = s.infer_from?;
@@ -985,6 +1021,11 @@ async fn node_task(
                         return;
                     }
                     if chunk.flows.is_empty() {
+                        if let Some(w) = chunk.watermark {
+                            if tx.send(NodeMsg::Watermark(w)).await.is_err() {
+                                return;
+                            }
+                        }
                         continue;
                     }
                     if let Some(t) = chunk.flows.iter().filter_map(|r| r.time_ns).max() {
@@ -996,6 +1037,7 @@ async fn node_task(
                         .send(NodeMsg::Flows {
                             flows: chunk.flows,
                             arrival,
+                            watermark: chunk.watermark,
                         })
                         .await
                         .is_err()

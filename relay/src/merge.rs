@@ -6,8 +6,10 @@
 //! - every *live* slot (its node may still send) whose queue is empty is past that time:
 //!   its low watermark, the newest of the last flow it sent (streams are in time order
 //!   per node, so it cannot send older) and of the watermarks it was given
-//!   ([`Merge::advance`]: a node's promise, or the fan-out's inference for a connected
-//!   stream that is idle and caught up, see [`TransitBound`]), is at least as new;
+//!   ([`Merge::report_watermark`]: a node's own promise, carried by its FlowBatches; or
+//!   [`Merge::advance`] with the fan-out's inference for a connected stream that is idle
+//!   and caught up and whose node makes no promise, see [`TransitBound`]), is at least as
+//!   new;
 //! - or, when a window is set (follow mode), some buffered flow has waited the window
 //!   out: a quiet node then costs at most the window in latency, not a stall;
 //! - or the buffer is full (bounded memory beats order).
@@ -169,6 +171,17 @@ impl Merge {
         if s.live && s.queue.is_empty() {
             self.safe_dirty = true;
         }
+    }
+
+    /// `slot`'s node reported its watermark (it sends no flow older than `reported`, ns)
+    /// when the relay's wall clock read `relay_now`. A report ahead of the relay's own clock
+    /// counts only up to that clock: a node whose clock runs ahead (or that is simply
+    /// wrong) then lets the others' flows go only as far as the relay itself has come, as
+    /// if its clock agreed with the relay's, never further. Should it later send a flow
+    /// older than its report (its clock stepped back), that flow is still in order unless
+    /// the relay's own clock had passed it. Reports only move the watermark forward.
+    pub fn report_watermark(&mut self, slot: usize, reported: i64, relay_now: i64) {
+        self.advance(slot, reported.min(relay_now));
     }
 
     /// The slot's low watermark: the newest of its last flow's time and of the watermarks
@@ -609,6 +622,73 @@ mod tests {
         assert_eq!(times(&out), vec![10, 15, 20, 27, 30, 40, 45]);
         let s = m.stats();
         assert_eq!((s.window_released, s.overflow_released, s.late), (0, 0, 1));
+    }
+
+    #[test]
+    fn a_quiet_node_reporting_watermarks_holds_the_others_back_only_to_its_report() {
+        // A window that never runs out: only watermarks release flows here.
+        let mut m = Merge::new(Some(Duration::from_secs(3600)), 1000);
+        let (a, quiet, b) = (m.add_slot(), m.add_slot(), m.add_slot());
+        let clock = 1_000_000; // the relay's wall clock, ahead of every report below
+        let mut late = Vec::new();
+        let mut out = Vec::new();
+        m.push(a, flows("a", &[100, 200, 300, 400]), 0, &mut late);
+        m.push(b, flows("b", &[150, 250, 350]), 0, &mut late);
+        m.pop_ready(0, &mut out);
+        assert!(out.is_empty(), "the quiet node has promised nothing yet");
+        // Heartbeats: each report lets the others' flows go up to it, no further.
+        m.report_watermark(quiet, 220, clock);
+        m.pop_ready(0, &mut out);
+        assert_eq!(times(&out), vec![100, 150, 200]);
+        m.report_watermark(quiet, 260, clock);
+        m.pop_ready(0, &mut out);
+        assert_eq!(times(&out), vec![100, 150, 200, 250]);
+        // An older report (reordered, or a restarted stream) does not move it back.
+        m.report_watermark(quiet, 210, clock);
+        assert_eq!(m.watermark(quiet), Some(260));
+        // The quiet node sends a flow at or after its report: in order, not late.
+        m.push(quiet, flows("q", &[260, 320]), 0, &mut late);
+        m.report_watermark(quiet, 330, clock);
+        m.pop_ready(0, &mut out);
+        assert_eq!(times(&out), vec![100, 150, 200, 250, 260, 300, 320]);
+        // The quiet node is past 330 only: b's 350 waits for its next report.
+        assert_eq!(m.waiting_for(), Some(350));
+        m.report_watermark(quiet, 500, clock);
+        m.push(b, flows("b", &[450]), 0, &mut late);
+        m.pop_ready(0, &mut out);
+        assert_eq!(
+            times(&out),
+            vec![100, 150, 200, 250, 260, 300, 320, 350, 400]
+        );
+        assert!(late.is_empty());
+        let s = m.stats();
+        assert_eq!((s.window_released, s.overflow_released, s.late), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_watermark_from_the_future_counts_only_up_to_the_relay_s_clock() {
+        let mut m = Merge::new(Some(Duration::from_secs(3600)), 1000);
+        let (ahead, b) = (m.add_slot(), m.add_slot());
+        let mut late = Vec::new();
+        let mut out = Vec::new();
+        m.push(b, flows("b", &[900, 1_100, 1_200]), 0, &mut late);
+        // The node's clock runs an hour ahead of the relay's (1 000 ns now).
+        m.report_watermark(ahead, 3_600_000_000_000, 1_000);
+        assert_eq!(m.watermark(ahead), Some(1_000));
+        m.pop_ready(0, &mut out);
+        assert_eq!(times(&out), vec![900], "nothing past the relay's own clock");
+        // Its clock steps back: it sends a flow older than its report but newer than the
+        // relay's clock was. It is merged in order; nothing is late.
+        m.push(ahead, flows("ahead", &[1_050]), 0, &mut late);
+        m.report_watermark(ahead, 3_600_000_000_000, 1_300);
+        m.pop_ready(0, &mut out);
+        assert_eq!(times(&out), vec![900, 1_050, 1_100, 1_200]);
+        assert!(late.is_empty());
+        // As the relay's clock moves on, the same report lets more go.
+        m.push(b, flows("b", &[1_400, 1_600]), 0, &mut late);
+        m.report_watermark(ahead, 3_600_000_000_000, 1_500);
+        m.pop_ready(0, &mut out);
+        assert_eq!(times(&out), vec![900, 1_050, 1_100, 1_200, 1_400]);
     }
 
     #[test]

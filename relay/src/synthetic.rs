@@ -7,7 +7,9 @@
 //! Flows are encoded once when pushed and shared (`Arc`) by every stream, so a node
 //! costs little next to the relay it feeds on the same machine (benchmarks). FlowBatches
 //! is served either as node exporters serve it ([`crate::batches::server`] over the
-//! Observer) or, with [`ServeOptions::encoded_batches`], straight from the encoded flows.
+//! Observer) or, with [`ServeOptions::encoded_batches`], straight from the encoded flows;
+//! with [`ServeOptions::watermarks`], its batches carry the watermarks its owner gives it
+//! ([`SyntheticNode::advance`]), as a node exporter's carry its own.
 
 use std::{
     net::SocketAddr,
@@ -15,6 +17,7 @@ use std::{
         atomic::{AtomicUsize, Ordering},
         Arc, RwLock,
     },
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -41,7 +44,9 @@ use tokio::sync::{broadcast, mpsc};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    batches::{MAX_BATCH_FLOWS, MAX_MESSAGE_BYTES},
+    batches::{
+        pace_watermarks, FlowSource, SourceItem, SourceStream, MAX_BATCH_FLOWS, MAX_MESSAGE_BYTES,
+    },
     proto::batches::{
         flow_batches_server::{FlowBatches, FlowBatchesServer},
         FlowBatch,
@@ -59,11 +64,22 @@ struct Stored {
     time_ns: i64,
 }
 
+/// What a node tells its followers, in order.
+#[derive(Clone)]
+enum Published {
+    /// A new flow and its index.
+    Flow(usize, Arc<Stored>),
+    /// No flow pushed after this is older (ns).
+    Watermark(i64),
+}
+
 /// A node's flows, in time order of arrival.
 pub struct SyntheticNode {
     name: String,
     flows: RwLock<Vec<Arc<Stored>>>,
-    tx: broadcast::Sender<(usize, Arc<Stored>)>,
+    /// Newest watermark given ([`SyntheticNode::advance`]).
+    watermark: std::sync::Mutex<Option<i64>>,
+    tx: broadcast::Sender<Published>,
     started_ns: i64,
     /// GetFlows streams being answered.
     active: Arc<AtomicUsize>,
@@ -75,6 +91,7 @@ impl SyntheticNode {
         Arc::new(Self {
             name: name.to_owned(),
             flows: RwLock::new(Vec::new()),
+            watermark: std::sync::Mutex::new(None),
             tx: broadcast::channel(follow_queue.max(16)).0,
             started_ns: now_ns(),
             active: Arc::new(AtomicUsize::new(0)),
@@ -102,8 +119,20 @@ impl SyntheticNode {
         for f in stored {
             let seq = g.len();
             g.push(f.clone());
-            let _ = self.tx.send((seq, f));
+            let _ = self.tx.send(Published::Flow(seq, f));
         }
+    }
+
+    /// The node's owner promises to push no flow older than `watermark_ns` from now on;
+    /// following FlowBatches streams served with [`ServeOptions::watermarks`] say so to
+    /// their client. Watermarks only move forward (an older one is ignored).
+    pub fn advance(&self, watermark_ns: i64) {
+        let mut w = self.watermark.lock().unwrap_or_else(|p| p.into_inner());
+        if w.is_some_and(|w| w >= watermark_ns) {
+            return;
+        }
+        *w = Some(watermark_ns);
+        let _ = self.tx.send(Published::Watermark(watermark_ns));
     }
 
     pub fn len(&self) -> usize {
@@ -249,11 +278,14 @@ enum Item {
     Flow(Arc<Stored>),
     /// A lagging follower missed this many flows.
     Lost(u64),
+    /// The node's watermark (only on streams that asked for them).
+    Watermark(i64),
 }
 
 /// Answers `q` from `node` into a channel: the history the query asks for, then (following)
-/// live flows, with a lost-events item when the follower lags.
-fn answer(node: Arc<SyntheticNode>, q: Arc<Query>) -> mpsc::Receiver<Item> {
+/// live flows, with a lost-events item when the follower lags, and with `watermarks` the
+/// node's watermarks in order among them.
+fn answer(node: Arc<SyntheticNode>, q: Arc<Query>, watermarks: bool) -> mpsc::Receiver<Item> {
     let (tx, rx) = mpsc::channel(1024);
     node.active.fetch_add(1, Ordering::AcqRel);
     let guard = ActiveGuard(node.active.clone());
@@ -294,7 +326,13 @@ fn answer(node: Arc<SyntheticNode>, q: Arc<Query>) -> mpsc::Receiver<Item> {
         loop {
             tokio::select! {
                 r = rx.recv() => match r {
-                    Ok((seq, s)) => {
+                    Ok(Published::Watermark(w)) => {
+                        // Superseded by the next one: never wait for the client for it.
+                        if watermarks && tx.try_send(Item::Watermark(w)).is_err() && tx.is_closed() {
+                            return;
+                        }
+                    }
+                    Ok(Published::Flow(seq, s)) => {
                         if seq < held {
                             continue;
                         }
@@ -347,7 +385,12 @@ fn lost_response(node: &str, n: u64) -> GetFlowsResponse {
 
 /// FlowBatches straight from a node's encoded flows: whatever is ready, up to
 /// [`MAX_BATCH_FLOWS`], goes out as one batch, as [`crate::batches::server`] batches.
-pub struct SyntheticBatches(pub Arc<SyntheticNode>);
+pub struct SyntheticBatches {
+    pub node: Arc<SyntheticNode>,
+    /// The node's watermarks on every batch and alone after this heartbeat (`None`: no
+    /// watermarks).
+    pub watermarks: Option<Duration>,
+}
 
 type BatchStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<FlowBatch, Status>> + Send>>;
 
@@ -360,15 +403,17 @@ impl FlowBatches for SyntheticBatches {
         request: Request<GetFlowsRequest>,
     ) -> Result<Response<BatchStream>, Status> {
         let q = Arc::new(Query::parse(request.get_ref())?);
-        let node = self.0.clone();
+        let node = self.node.clone();
         let name = node.name.clone();
-        let items = tokio_stream::wrappers::ReceiverStream::new(answer(node, q.clone()));
+        let answer = answer(node, q.clone(), self.watermarks.is_some());
+        let items = tokio_stream::wrappers::ReceiverStream::new(answer);
         let batches = items.ready_chunks(MAX_BATCH_FLOWS).flat_map(move |chunk| {
             let mut out = Vec::new();
             let mut batch = FlowBatch {
                 node_names: vec![name.clone()],
                 ..Default::default()
             };
+            let mut watermark = None;
             for item in chunk {
                 match item {
                     Item::Flow(s) => {
@@ -386,15 +431,46 @@ impl FlowBatches for SyntheticBatches {
                         }
                         batch.events.push(lost_response(&name, n));
                     }
+                    Item::Watermark(w) => watermark = Some(w),
                 }
             }
+            // The watermark holds after the chunk's last flow.
+            batch.watermark_ns = watermark;
             out.push(Ok(batch));
             futures::stream::iter(out)
         });
-        Ok(Response::new(Box::pin(batches)))
+        let heartbeat = self.watermarks.unwrap_or(Duration::MAX);
+        Ok(Response::new(Box::pin(pace_watermarks(batches, heartbeat))))
     }
 }
 type Unsupported<T> = futures::stream::Empty<Result<T, Status>>;
+
+impl SyntheticObserver {
+    /// The answer to `request` as GetFlows yields it, with the node's watermarks if asked.
+    fn items(&self, request: &GetFlowsRequest, watermarks: bool) -> Result<SourceStream, Status> {
+        let q = Arc::new(Query::parse(request)?);
+        let node = self.0.clone();
+        let name = node.name.clone();
+        let items =
+            tokio_stream::wrappers::ReceiverStream::new(answer(node, q.clone(), watermarks));
+        Ok(Box::pin(items.map(move |item| {
+            Ok(match item {
+                Item::Flow(s) => SourceItem::Response(q.response(&s)),
+                Item::Lost(n) => SourceItem::Response(lost_response(&name, n)),
+                Item::Watermark(w) => SourceItem::Watermark(w),
+            })
+        })))
+    }
+}
+
+/// The node's answers with its watermarks, for FlowBatches served as node exporters serve
+/// it ([`crate::batches::watermarked_server`]).
+#[tonic::async_trait]
+impl FlowSource for SyntheticObserver {
+    async fn flow_items(&self, request: Request<GetFlowsRequest>) -> Result<SourceStream, Status> {
+        self.items(request.get_ref(), true)
+    }
+}
 
 #[tonic::async_trait]
 impl Observer for SyntheticObserver {
@@ -406,14 +482,13 @@ impl Observer for SyntheticObserver {
         &self,
         request: Request<GetFlowsRequest>,
     ) -> Result<Response<RespStream>, Status> {
-        let q = Arc::new(Query::parse(request.get_ref())?);
-        let node = self.0.clone();
-        let name = node.name.clone();
-        let items = tokio_stream::wrappers::ReceiverStream::new(answer(node, q.clone()));
-        Ok(Response::new(Box::pin(items.map(move |item| {
-            Ok(match item {
-                Item::Flow(s) => q.response(&s),
-                Item::Lost(n) => lost_response(&name, n),
+        // One flow per response, nothing else: the Hubble-compatible API has no watermarks.
+        let items = self.items(request.get_ref(), false)?;
+        Ok(Response::new(Box::pin(items.filter_map(|item| {
+            futures::future::ready(match item {
+                Ok(SourceItem::Response(r)) => Some(Ok(r)),
+                Ok(SourceItem::Watermark(_)) => None,
+                Err(e) => Some(Err(e)),
             })
         }))))
     }
@@ -494,6 +569,9 @@ pub struct ServeOptions {
     /// Serve FlowBatches from the encoded flows ([`SyntheticBatches`]) rather than over
     /// the Observer as node exporters do: cheaper, for benchmarks of the relay.
     pub encoded_batches: bool,
+    /// FlowBatches carry the node's watermarks ([`SyntheticNode::advance`]) on every batch
+    /// and alone after this heartbeat with nothing to send, as a node exporter's do.
+    pub watermarks: Option<Duration>,
     pub tls: Option<tonic::transport::ServerTlsConfig>,
     /// Also serve `peer.Peer` with this list.
     pub peers: Option<tokio::sync::watch::Receiver<Vec<crate::peer::PeerNode>>>,
@@ -526,12 +604,20 @@ impl NodeServer {
         let router = builder
             .add_service(ObserverServer::from_arc(observer.clone()))
             .add_optional_service(
-                (opts.batches && !opts.encoded_batches)
+                (opts.batches && !opts.encoded_batches && opts.watermarks.is_none())
                     .then(|| crate::batches::server(observer.clone())),
             )
+            .add_optional_service(
+                opts.watermarks
+                    .filter(|_| opts.batches && !opts.encoded_batches)
+                    .map(|h| crate::batches::watermarked_server(observer.clone(), h)),
+            )
             .add_optional_service((opts.batches && opts.encoded_batches).then(|| {
-                FlowBatchesServer::new(SyntheticBatches(observer.0.clone()))
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+                FlowBatchesServer::new(SyntheticBatches {
+                    node: observer.0.clone(),
+                    watermarks: opts.watermarks,
+                })
+                .max_encoding_message_size(MAX_MESSAGE_BYTES)
             }))
             .add_optional_service(
                 opts.peers

@@ -604,3 +604,189 @@ async fn an_unreachable_node_is_reported_and_picked_up_when_it_starts() {
     );
     relay.shutdown().await;
 }
+
+/// Options of a node that reports watermarks as a node exporter does (over its Observer,
+/// a heartbeat of `heartbeat` when it has nothing to send).
+fn watermarked(heartbeat: Duration) -> ServeOptions {
+    ServeOptions {
+        batches: true,
+        watermarks: Some(heartbeat),
+        ..Default::default()
+    }
+}
+
+/// Follows the relay; returns every flow with when it arrived (wall ns) once `n` came.
+async fn follow_flows(
+    relay: &lumen_relay::RelayHandle,
+    n: usize,
+    limit: Duration,
+) -> Vec<(lumen_proto::flow::Flow, i64)> {
+    let mut c = client(relay.address).await;
+    let follow = GetFlowsRequest {
+        follow: true,
+        ..Default::default()
+    };
+    let mut s = c.get_flows(follow).await.unwrap().into_inner();
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    while got.len() < n {
+        match tokio::time::timeout_at(deadline, s.message()).await {
+            Ok(Ok(Some(r))) => {
+                if let Some(lumen_proto::observer::get_flows_response::ResponseTypes::Flow(f)) =
+                    r.response_types
+                {
+                    got.push((f, lumen_relay::wire::now_ns()));
+                }
+            }
+            Ok(Ok(None)) => panic!("the relay ended a following stream"),
+            Ok(Err(e)) => panic!("stream failed: {e}"),
+            Err(_) => panic!("{} of {n} flows came", got.len()),
+        }
+    }
+    got
+}
+
+/// Waits until each node has the relay's stream open (live-only streams see flows pushed
+/// after they reached the nodes).
+async fn wait_streams(nodes: &[TestNode]) {
+    wait_for("node streams open", Duration::from_secs(5), || {
+        let open = nodes.iter().all(|n| n.node.active_streams() >= 1);
+        async move { open }
+    })
+    .await;
+}
+
+fn ms(ns: i64) -> f64 {
+    ns as f64 / 1e6
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_node_with_exact_watermarks_holds_the_others_back_only_about_a_heartbeat() {
+    let heartbeat = Duration::from_millis(10);
+    let nodes: Vec<TestNode> = ["busy-a", "busy-b", "quiet"]
+        .iter()
+        .map(|name| TestNode::start(name, watermarked(heartbeat)))
+        .collect();
+    let specs: Vec<String> = nodes.iter().map(TestNode::spec).collect();
+    let mut config = relay_config(&specs);
+    // Neither the window nor an inference may be what lets flows go here.
+    config.sort_window = Duration::from_secs(3);
+    config.sort_idle_watermarks = false;
+    let relay = start_relay(config).await;
+    wait_connected(&relay, 3).await;
+    let rounds = 150usize;
+    let total = 2 * rounds;
+    let reader = {
+        let relay_ref = &relay;
+        async move { follow_flows(relay_ref, total, Duration::from_secs(20)).await }
+    };
+    let pusher = async {
+        wait_streams(&nodes).await;
+        // Each node's owner promises, then pushes: a flow stamped after its node's latest
+        // watermark. The quiet node only ever promises.
+        let mut last = [0i64; 2];
+        for _ in 0..rounds {
+            for n in &nodes {
+                n.node.advance(lumen_relay::wire::now_ns());
+            }
+            for (k, n) in nodes[..2].iter().enumerate() {
+                let t = lumen_relay::wire::now_ns().max(last[k] + 1);
+                last[k] = t;
+                n.push_times([t]);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The nodes keep saying how far they have come, as running nodes do.
+        for _ in 0..40 {
+            for n in &nodes {
+                n.node.advance(lumen_relay::wire::now_ns());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let (got, ()) = tokio::join!(reader, pusher);
+    let flows: Vec<_> = got.iter().map(|(f, _)| f.clone()).collect();
+    assert_eq!(flows.len(), total);
+    assert!(is_sorted(&flows), "merged in time order");
+    let mut seen = std::collections::HashSet::new();
+    assert!(
+        flows.iter().all(|f| seen.insert(f.uuid.clone())),
+        "a flow twice"
+    );
+    assert_eq!(relay.metrics.late_flows.get(), 0, "no flow was late");
+    assert_eq!(
+        relay.metrics.window_released.get(),
+        0,
+        "no flow waited the window out: the quiet node's watermarks let them go"
+    );
+    let mut delay: Vec<i64> = got.iter().map(|(f, at)| at - time_of(f)).collect();
+    delay.sort_unstable();
+    let (p50, max) = (delay[delay.len() / 2], delay[delay.len() - 1]);
+    eprintln!(
+        "flow time → client via the relay: p50 {:.1} ms, max {:.1} ms (heartbeat {heartbeat:?}, window 3 s)",
+        ms(p50),
+        ms(max)
+    );
+    // The quiet node costs about a heartbeat (plus a busy test machine), not the window.
+    assert!(p50 < 100_000_000, "p50 {:.1} ms", ms(p50));
+    assert!(max < 1_000_000_000, "max {:.1} ms", ms(max));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watermark_ahead_of_the_relay_s_clock_lets_nothing_go_past_that_clock() {
+    let heartbeat = Duration::from_millis(10);
+    let nodes: Vec<TestNode> = ["ahead", "busy"]
+        .iter()
+        .map(|name| TestNode::start(name, watermarked(heartbeat)))
+        .collect();
+    let specs: Vec<String> = nodes.iter().map(TestNode::spec).collect();
+    let mut config = relay_config(&specs);
+    config.sort_window = Duration::from_secs(3);
+    config.sort_idle_watermarks = false;
+    let relay = start_relay(config).await;
+    wait_connected(&relay, 2).await;
+    let reader = {
+        let relay_ref = &relay;
+        async move { follow_flows(relay_ref, 2, Duration::from_secs(20)).await }
+    };
+    let ms_ns = 1_000_000i64;
+    let hour = 3_600_000 * ms_ns;
+    let pusher = async {
+        wait_streams(&nodes).await;
+        let now = lumen_relay::wire::now_ns();
+        // A node whose clock runs an hour ahead keeps saying it is past now + 1 h; the
+        // other node's flow is 600 ms ahead of the relay's clock.
+        nodes[0].node.advance(now + hour);
+        nodes[1].node.advance(now);
+        nodes[1].push_times([now + 600 * ms_ns]);
+        let mut stepped_back = false;
+        while lumen_relay::wire::now_ns() < now + 900 * ms_ns {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let t = lumen_relay::wire::now_ns();
+            if !stepped_back && t >= now + 100 * ms_ns {
+                // Its clock steps back: it sends a flow older than its word, but not
+                // older than what the relay's own clock has reached.
+                nodes[0].push_times([now + 300 * ms_ns]);
+                stepped_back = true;
+            }
+            nodes[0].node.advance(t + hour);
+        }
+        now
+    };
+    let (got, now) = tokio::join!(reader, pusher);
+    let times: Vec<i64> = got.iter().map(|(f, _)| time_of(f) - now).collect();
+    assert_eq!(
+        times,
+        vec![300 * ms_ns, 600 * ms_ns],
+        "the flow from the future was held back by the relay's clock, not let go at once"
+    );
+    assert_eq!(relay.metrics.late_flows.get(), 0, "no flow was late");
+    // And it went once the relay's clock passed it, not when the 3 s window ran out.
+    assert_eq!(relay.metrics.window_released.get(), 0);
+    let released = got[1].1 - now;
+    assert!(
+        (600 * ms_ns..2_000 * ms_ns).contains(&released),
+        "released {:.1} ms after the start",
+        ms(released)
+    );
+}
