@@ -1,15 +1,17 @@
-//! Privileged end-to-end tests of the relay: three "nodes", each a lab (network namespaces
-//! on a bridge) watched by its own real `lumen-node-exporter` process (real eBPF datapath,
-//! in the root namespace on that lab's pod interfaces, its own --listen-address and
-//! --node-name), the real `lumen-relay` binary fanning them in, real traffic, and the real
-//! `lumen` CLI and gRPC clients reading. Answers are checked against each node's own answer
-//! for the same request.
+//! Privileged end-to-end tests of the relay: a lab of three nodes (network namespaces of
+//! their own on the lab bridge, each routing for its own client and server pods), a real
+//! `lumen-node-exporter` process inside each node's namespace (real eBPF datapath on that
+//! node's pod interfaces, listening on the node's address, its own --node-name), the real
+//! `lumen-relay` binary in the root namespace fanning them in over the lab bridge, real
+//! traffic within and across nodes, and the real `lumen` CLI and gRPC clients reading.
+//! Answers are checked against each node's own answer for the same request, and cross-node
+//! connections against packet captures taken inside the nodes.
 //!
 //! Run single-threaded by the lab runner; without root they print why they were skipped.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     io::Write,
     net::{IpAddr, TcpListener},
     path::PathBuf,
@@ -18,9 +20,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lumen_lab::{Lab, Pod};
+use lumen_lab::{ipproto, Capture, CaptureOptions, FiveTuple, Lab, Pod};
 use lumen_proto::{
-    flow::Flow,
+    flow::{layer4::Protocol, Flow},
     observer::{
         get_flows_response::ResponseTypes, observer_client::ObserverClient, GetFlowsRequest,
         GetFlowsResponse, ServerStatusRequest,
@@ -95,14 +97,26 @@ struct Proc {
 
 impl Proc {
     fn spawn(bin: &PathBuf, args: &[String], log: PathBuf) -> Proc {
-        let child = Command::new(bin)
-            .args(args)
+        let mut cmd = Command::new(bin);
+        cmd.args(args);
+        Self::start(cmd, &bin.display().to_string(), log)
+    }
+
+    /// `bin` inside network namespace `netns` (`ip netns exec` execs it: the pid is its own).
+    fn spawn_in(netns: &str, bin: &PathBuf, args: &[String], log: PathBuf) -> Proc {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns]).arg(bin).args(args);
+        Self::start(cmd, &format!("{} in {netns}", bin.display()), log)
+    }
+
+    fn start(mut cmd: Command, what: &str, log: PathBuf) -> Proc {
+        let child = cmd
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+            .unwrap_or_else(|e| panic!("starting {what}: {e}"));
         Proc {
             child: Some(child),
             log,
@@ -144,40 +158,75 @@ impl Drop for Proc {
     }
 }
 
-/// One "node": a lab with a client and a server pod, and its node exporter.
+/// The node exporters' port: each listens on its own node's address.
+const EXPORTER_PORT: u16 = 4244;
+
+/// The lab: one namespace per node, a client and a server pod on each node. The nodes (and
+/// their processes) go before the lab that holds their namespaces.
+struct Cluster {
+    nodes: Vec<Node>,
+    /// Held for its Drop: it removes every namespace, link and route of the lab.
+    _lab: Lab,
+}
+
+impl Cluster {
+    /// Nodes `names`, each with pods `client-<n>` and `server-<n>` (`<n>` from 1) and an
+    /// HTTP server on the server pod; node exporters started with `extra` arguments.
+    fn new(names: &[&str], extra: &[&str]) -> Cluster {
+        let mut lab = Lab::new("relay-nodes").expect("lab");
+        let mut nodes = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let lab_node = lab.add_node(name).expect("node");
+            let server = lab
+                .add_pod_on(name, &format!("server-{}", i + 1))
+                .expect("server pod");
+            let client = lab
+                .add_pod_on(name, &format!("client-{}", i + 1))
+                .expect("client pod");
+            let http = server.http_server(8080).expect("http server");
+            nodes.push(Node {
+                name: (*name).to_owned(),
+                address: lab_node.socket_addr(EXPORTER_PORT).to_string(),
+                lab_node,
+                client,
+                server,
+                _http: http,
+                exporter: None,
+                interfaces: format!("lmh{}*", lab.id()),
+                extra: extra.iter().map(|s| s.to_string()).collect(),
+                dir: tempfile::tempdir().unwrap(),
+            });
+        }
+        for n in &mut nodes {
+            n.start_exporter();
+        }
+        Cluster { nodes, _lab: lab }
+    }
+
+    fn node_refs(&self) -> Vec<&Node> {
+        self.nodes.iter().collect()
+    }
+}
+
+/// One node of the lab: its namespace, a client and a server pod on it, and its node exporter.
 struct Node {
     name: String,
-    lab: Lab,
+    lab_node: lumen_lab::Node,
     client: Pod,
     server: Pod,
     _http: lumen_lab::Background,
     exporter: Option<Proc>,
+    /// The node's address and [`EXPORTER_PORT`], reached from the root namespace.
     address: String,
+    /// `lmh<lab id>*`: in the node's namespace, the host-side veths of its pods only.
+    interfaces: String,
     extra: Vec<String>,
     dir: tempfile::TempDir,
 }
 
 impl Node {
-    fn new(name: &str, extra: &[&str]) -> Node {
-        let mut lab = Lab::new(&format!("relay-{name}")).expect("lab");
-        let server = lab.add_pod("server").expect("server pod");
-        let client = lab.add_pod("client").expect("client pod");
-        let http = server.http_server(8080).expect("http server");
-        let mut n = Node {
-            name: name.to_owned(),
-            lab,
-            client,
-            server,
-            _http: http,
-            exporter: None,
-            address: format!("127.0.0.1:{}", free_port()),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            dir: tempfile::tempdir().unwrap(),
-        };
-        n.start_exporter();
-        n
-    }
-
+    /// Starts the node exporter in the node's namespace, on the node's address, attached to
+    /// the node's pods' interfaces (the lab's host-side veths in that namespace).
     fn start_exporter(&mut self) {
         let bin = workspace_bin("lumen-node-exporter", "lumen-node-exporter");
         let mut args = vec![
@@ -188,11 +237,11 @@ impl Node {
             "--metrics-address".to_owned(),
             String::new(),
             "--interface".to_owned(),
-            format!("lmh{}*", self.lab.id()),
+            self.interfaces.clone(),
         ];
         args.extend(self.extra.iter().cloned());
         let log = self.dir.path().join(format!("exporter-{}.log", now_ns()));
-        let mut p = Proc::spawn(&bin, &args, log);
+        let mut p = Proc::spawn_in(&self.lab_node.netns, &bin, &args, log);
         p.wait_listening(&self.address, &format!("node exporter {}", self.name));
         // Attachments follow interfaces within a reconcile round.
         std::thread::sleep(Duration::from_millis(700));
@@ -205,7 +254,12 @@ impl Node {
         }
     }
 
-    /// Pod-to-pod HTTP and ping inside this node's lab.
+    /// The host-side veths of this node's pods (in the node's namespace).
+    fn pod_interfaces(&self) -> [&str; 2] {
+        [self.client.host_if.as_str(), self.server.host_if.as_str()]
+    }
+
+    /// Pod-to-pod HTTP and ping within this node.
     fn traffic(&self, requests: usize) {
         let ip: IpAddr = self.server.ipv4.into();
         for _ in 0..requests {
@@ -390,13 +444,11 @@ fn rt() -> tokio::runtime::Runtime {
 fn three_nodes_every_flow_once_in_time_order() {
     lumen_lab::require_privileges!("three_nodes_every_flow_once_in_time_order");
     let _g = lab_lock();
-    let nodes: Vec<Node> = ["node-1", "node-2", "node-3"]
-        .iter()
-        .map(|n| Node::new(n, &[]))
-        .collect();
-    let relay = Relay::start(&nodes.iter().collect::<Vec<_>>(), &[]);
+    let cluster = Cluster::new(&["node-1", "node-2", "node-3"], &[]);
+    let nodes = &cluster.nodes;
+    let relay = Relay::start(&cluster.node_refs(), &[]);
     let since = now_ns();
-    for n in &nodes {
+    for n in nodes {
         n.traffic(3);
     }
     std::thread::sleep(Duration::from_millis(1500));
@@ -421,7 +473,7 @@ fn three_nodes_every_flow_once_in_time_order() {
             by_node.keys().cloned().collect::<Vec<_>>(),
             vec!["node-1", "node-2", "node-3"]
         );
-        for n in &nodes {
+        for n in nodes {
             let own: Vec<String> = flows(&get_all(&n.address, req.clone()).await)
                 .into_iter()
                 .map(|f| f.uuid)
@@ -436,11 +488,14 @@ fn three_nodes_every_flow_once_in_time_order() {
                 "{}: the relay's flows equal the node's own answer",
                 n.name
             );
-            // Each node's flows were seen on its own lab's interfaces.
-            let prefix = format!("lmh{}", n.lab.id());
+            // Each node's flows were seen on its own pods' interfaces, in its namespace.
             for f in via_relay.iter().filter(|f| f.node_name == n.name) {
                 let iface = f.interface.as_ref().map(|i| i.name.as_str()).unwrap_or("");
-                assert!(iface.starts_with(&prefix), "{} flow on {iface:?}", n.name);
+                assert!(
+                    n.pod_interfaces().contains(&iface),
+                    "{} flow on {iface:?}",
+                    n.name
+                );
             }
         }
         // `--last N` through the relay: the N newest cluster-wide.
@@ -484,14 +539,9 @@ fn three_nodes_every_flow_once_in_time_order() {
 fn a_killed_node_exporter_is_reported_and_its_flows_resume() {
     lumen_lab::require_privileges!("a_killed_node_exporter_is_reported_and_its_flows_resume");
     let _g = lab_lock();
-    let mut nodes: Vec<Node> = ["node-1", "node-2", "node-3"]
-        .iter()
-        .map(|n| Node::new(n, &[]))
-        .collect();
-    let relay = Relay::start(
-        &nodes.iter().collect::<Vec<_>>(),
-        &["--sort-window", "100ms"],
-    );
+    let mut cluster = Cluster::new(&["node-1", "node-2", "node-3"], &[]);
+    let relay = Relay::start(&cluster.node_refs(), &["--sort-window", "100ms"]);
+    let nodes = &mut cluster.nodes;
     let rt = rt();
     rt.block_on(async {
         let mut c = client(&relay.address).await;
@@ -522,7 +572,7 @@ fn a_killed_node_exporter_is_reported_and_its_flows_resume() {
             .into_inner();
         let mut got = Vec::new();
         read_until(&mut s, &mut got, Duration::from_secs(5), |r| !r.is_empty()).await;
-        for n in &nodes {
+        for n in nodes.iter() {
             tokio::task::block_in_place(|| n.traffic(1));
         }
         assert!(
@@ -602,12 +652,9 @@ fn a_killed_node_exporter_is_reported_and_its_flows_resume() {
 fn the_cli_reports_a_dead_relay_and_works_after_restart() {
     lumen_lab::require_privileges!("the_cli_reports_a_dead_relay_and_works_after_restart");
     let _g = lab_lock();
-    let nodes: Vec<Node> = ["node-1", "node-2", "node-3"]
-        .iter()
-        .map(|n| Node::new(n, &[]))
-        .collect();
-    let relay = Relay::start(&nodes.iter().collect::<Vec<_>>(), &[]);
-    for n in &nodes {
+    let cluster = Cluster::new(&["node-1", "node-2", "node-3"], &[]);
+    let relay = Relay::start(&cluster.node_refs(), &[]);
+    for n in &cluster.nodes {
         n.traffic(1);
     }
     std::thread::sleep(Duration::from_secs(1));
@@ -689,10 +736,11 @@ fn a_stalled_client_does_not_slow_another_and_memory_stays_bounded() {
     );
     let _g = lab_lock();
     // Every packet is a flow event: a ping flood is a flood of flows.
-    let nodes: Vec<Node> = ["node-1", "node-2", "node-3"]
-        .iter()
-        .map(|n| Node::new(n, &["--aggregation", "packets"]))
-        .collect();
+    let cluster = Cluster::new(
+        &["node-1", "node-2", "node-3"],
+        &["--aggregation", "packets"],
+    );
+    let nodes = &cluster.nodes;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("relay.yaml");
     std::fs::File::create(&config)
@@ -700,7 +748,7 @@ fn a_stalled_client_does_not_slow_another_and_memory_stays_bounded() {
         .write_all(b"client_queue_flows: 2000\n")
         .unwrap();
     let config_s = config.display().to_string();
-    let relay = Relay::start(&nodes.iter().collect::<Vec<_>>(), &["--config", &config_s]);
+    let relay = Relay::start(&cluster.node_refs(), &["--config", &config_s]);
     let rt = rt();
     rt.block_on(async {
         // The stalled client: never reads, small HTTP/2 windows.
@@ -753,7 +801,7 @@ fn a_stalled_client_does_not_slow_another_and_memory_stays_bounded() {
         rss_max = rss_max.max(relay.rss_kib());
         // The reading client got every flow the nodes hold for the flood's time range.
         let mut expected = 0usize;
-        for n in &nodes {
+        for n in nodes {
             expected += count_flows(
                 &get_all(
                     &n.address,
@@ -820,9 +868,9 @@ fn a_stalled_client_does_not_slow_another_and_memory_stays_bounded() {
 fn hostile_requests_to_the_relay_binary() {
     lumen_lab::require_privileges!("hostile_requests_to_the_relay_binary");
     let _g = lab_lock();
-    let nodes: Vec<Node> = ["node-1"].iter().map(|n| Node::new(n, &[])).collect();
-    let relay = Relay::start(&nodes.iter().collect::<Vec<_>>(), &[]);
-    nodes[0].traffic(1);
+    let cluster = Cluster::new(&["node-1"], &[]);
+    let relay = Relay::start(&cluster.node_refs(), &[]);
+    cluster.nodes[0].traffic(1);
     rt().block_on(async {
         let mut c = client(&relay.address).await;
         for req in [
@@ -847,72 +895,59 @@ fn hostile_requests_to_the_relay_binary() {
     });
 }
 
-/// Cross-node traffic: one L2 segment, pods split over three node exporters (each attached
-/// only to its own pods' interfaces). A connection from a pod of node-i to a pod of node-j
-/// is seen by both nodes; through the relay every flow of every node arrives exactly once,
-/// in time order, with the right node name, and equal to each node's own answer.
+/// Cross-node traffic: a pod of node-i talks to a pod of node-i+1 (IPv4 and IPv6), routed by
+/// both nodes over the lab bridge, each node exporter attached only to its own pods'
+/// interfaces in its own namespace. Such a connection is seen by both nodes; through the
+/// relay every flow of every node arrives exactly once, in time order, with the right node
+/// name, and equal to each node's own answer; and the connections each node reports are
+/// exactly the ones a packet capture inside that node saw on its pods' interfaces.
 #[test]
 fn cross_node_traffic_through_the_relay() {
     lumen_lab::require_privileges!("cross_node_traffic_through_the_relay");
     let _g = lab_lock();
-    let mut lab = Lab::new("relay-cross").expect("lab");
-    let names = ["node-1", "node-2", "node-3"];
-    let mut clients = Vec::new();
-    let mut servers = Vec::new();
-    for i in 1..=names.len() {
-        clients.push(lab.add_pod(&format!("client{i}")).expect("pod"));
-        servers.push(lab.add_pod(&format!("server{i}")).expect("pod"));
-    }
-    let _http: Vec<_> = servers
+    let cluster = Cluster::new(&["node-1", "node-2", "node-3"], &[]);
+    let nodes = &cluster.nodes;
+    let relay = Relay::start(&cluster.node_refs(), &[]);
+    let captures: Vec<Capture> = nodes
         .iter()
-        .map(|s| s.http_server(8080).expect("http server"))
+        .map(|n| {
+            Capture::start_with(
+                &n.pod_interfaces(),
+                CaptureOptions {
+                    netns: Some(n.lab_node.netns.clone()),
+                    filter: Some("tcp port 8080".into()),
+                    ..CaptureOptions::default()
+                },
+            )
+            .expect("capture in the node")
+        })
         .collect();
-    let dir = tempfile::tempdir().unwrap();
-    let bin = workspace_bin("lumen-node-exporter", "lumen-node-exporter");
-    let mut exporters = Vec::new();
-    let mut addrs = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        let address = format!("127.0.0.1:{}", free_port());
-        let args: Vec<String> = vec![
-            "--node-name".into(),
-            (*name).into(),
-            "--listen-address".into(),
-            address.clone(),
-            "--metrics-address".into(),
-            String::new(),
-            "--interface".into(),
-            clients[i].host_if.clone(),
-            "--interface".into(),
-            servers[i].host_if.clone(),
-        ];
-        let mut p = Proc::spawn(&bin, &args, dir.path().join(format!("{name}.log")));
-        p.wait_listening(&address, name);
-        exporters.push(p);
-        addrs.push(address);
-    }
-    std::thread::sleep(Duration::from_millis(700));
-    let relay_addr = format!("127.0.0.1:{}", free_port());
-    let mut args = vec![
-        "--listen-address".to_owned(),
-        relay_addr.clone(),
-        "--metrics-address".to_owned(),
-        String::new(),
-    ];
-    for (name, addr) in names.iter().zip(&addrs) {
-        args.push("--node".into());
-        args.push(format!("{name}={addr}"));
-    }
-    let relay = Relay::spawn(&relay_addr, args, tempfile::tempdir().unwrap());
     let since = now_ns();
     // client of node i -> server of node i+1: every connection crosses two nodes.
-    for i in 0..names.len() {
-        let target: IpAddr = servers[(i + 1) % servers.len()].ipv4.into();
-        for _ in 0..2 {
-            clients[i].http_get(target, 8080, "/").expect("http get");
+    for (i, n) in nodes.iter().enumerate() {
+        let target = &nodes[(i + 1) % nodes.len()].server;
+        for ip in [
+            IpAddr::from(target.ipv4),
+            IpAddr::from(target.ipv4),
+            IpAddr::from(target.ipv6),
+        ] {
+            let body = n.client.http_get(ip, 8080, "/").expect("http get");
+            assert_eq!(body, target.http_index_body());
         }
     }
     std::thread::sleep(Duration::from_millis(1500));
     let until = now_ns();
+    let captured: Vec<BTreeSet<FiveTuple>> = captures
+        .into_iter()
+        .map(|c| {
+            c.stop()
+                .expect("capture")
+                .iter()
+                .filter_map(FiveTuple::of)
+                .map(|t| t.canonical())
+                .collect()
+        })
+        .collect();
     let req = GetFlowsRequest {
         since: Some(ns_timestamp(since)),
         until: Some(ns_timestamp(until)),
@@ -921,45 +956,84 @@ fn cross_node_traffic_through_the_relay() {
     rt().block_on(async {
         let via_relay = flows(&get_all(&relay.address, req.clone()).await);
         assert_time_ordered_once(&via_relay);
-        for (i, (name, addr)) in names.iter().zip(&addrs).enumerate() {
-            let mut own: Vec<String> = flows(&get_all(addr, req.clone()).await)
+        for (n, captured) in nodes.iter().zip(&captured) {
+            let mut own: Vec<String> = flows(&get_all(&n.address, req.clone()).await)
                 .into_iter()
                 .map(|f| f.uuid)
                 .collect();
             let mut relayed: Vec<String> = via_relay
                 .iter()
-                .filter(|f| f.node_name == *name)
+                .filter(|f| f.node_name == n.name)
                 .map(|f| f.uuid.clone())
                 .collect();
             own.sort();
             relayed.sort();
-            assert!(!own.is_empty(), "{name} saw traffic");
-            assert_eq!(relayed, own, "{name}: relay equals the node's own answer");
-            // The node saw both its client's outgoing and its server's incoming connections.
-            let mine = [clients[i].host_if.as_str(), servers[i].host_if.as_str()];
-            for f in via_relay.iter().filter(|f| f.node_name == *name) {
+            assert!(!own.is_empty(), "{} saw traffic", n.name);
+            assert_eq!(
+                relayed, own,
+                "{}: relay equals the node's own answer",
+                n.name
+            );
+            // The node saw its client's outgoing and its server's incoming connections, on
+            // its own pods' interfaces only.
+            for f in via_relay.iter().filter(|f| f.node_name == n.name) {
                 let iface = f.interface.as_ref().map(|x| x.name.as_str()).unwrap_or("");
-                assert!(mine.contains(&iface), "{name} reported a flow on {iface}");
+                assert!(
+                    n.pod_interfaces().contains(&iface),
+                    "{} reported a flow on {iface}",
+                    n.name
+                );
             }
+            // Its HTTP connections are those the capture inside the node saw: 2 over IPv4
+            // and 1 over IPv6 from its client, as many to its server.
+            let reported: BTreeSet<FiveTuple> = via_relay
+                .iter()
+                .filter(|f| f.node_name == n.name)
+                .filter_map(tcp_tuple)
+                .filter(|t| t.dport == 8080 || t.sport == 8080)
+                .map(|t| t.canonical())
+                .collect();
+            assert_eq!(captured.len(), 6, "{}: captured {captured:?}", n.name);
+            assert_eq!(
+                &reported, captured,
+                "{}: the connections it reports are those captured on its pods",
+                n.name
+            );
         }
-        // One cross-node connection appears on both of its nodes.
-        let client_ip = clients[0].ipv4.to_string();
-        let server_ip = servers[1].ipv4.to_string();
-        let nodes_seeing: HashSet<String> = via_relay
-            .iter()
-            .filter(|f| {
-                f.ip.as_ref()
-                    .is_some_and(|ip| ip.source == client_ip && ip.destination == server_ip)
-            })
-            .map(|f| f.node_name.clone())
-            .collect();
-        assert_eq!(
-            nodes_seeing,
-            HashSet::from(["node-1".to_owned(), "node-2".to_owned()]),
-            "client1 -> server2 seen on node-1 (egress) and node-2 (ingress)"
-        );
+        // One cross-node connection appears on both of its nodes, over IPv4 and IPv6.
+        let (client, server) = (&nodes[0].client, &nodes[1].server);
+        for (src, dst) in [
+            (client.ipv4.to_string(), server.ipv4.to_string()),
+            (client.ipv6.to_string(), server.ipv6.to_string()),
+        ] {
+            let nodes_seeing: HashSet<String> = via_relay
+                .iter()
+                .filter(|f| {
+                    f.ip.as_ref()
+                        .is_some_and(|ip| ip.source == src && ip.destination == dst)
+                })
+                .map(|f| f.node_name.clone())
+                .collect();
+            assert_eq!(
+                nodes_seeing,
+                HashSet::from(["node-1".to_owned(), "node-2".to_owned()]),
+                "{src} -> {dst} seen on node-1 (egress) and node-2 (ingress)"
+            );
+        }
     });
-    drop(relay);
-    drop(exporters);
-    let _ = &mut lab;
+}
+
+/// The 5-tuple of a TCP flow as the flow states it.
+fn tcp_tuple(f: &Flow) -> Option<FiveTuple> {
+    let ip = f.ip.as_ref()?;
+    let Some(Protocol::Tcp(tcp)) = f.l4.as_ref()?.protocol.as_ref() else {
+        return None;
+    };
+    Some(FiveTuple {
+        proto: ipproto::TCP,
+        src: ip.source.parse().ok()?,
+        sport: u16::try_from(tcp.source_port).ok()?,
+        dst: ip.destination.parse().ok()?,
+        dport: u16::try_from(tcp.destination_port).ok()?,
+    })
 }
