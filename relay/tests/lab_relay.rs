@@ -102,10 +102,16 @@ impl Proc {
         Self::start(cmd, &bin.display().to_string(), log)
     }
 
-    /// `bin` inside network namespace `netns` (`ip netns exec` execs it: the pid is its own).
+    /// `bin` inside network namespace `netns`. `nsenter` joins the network namespace only
+    /// (as a container runtime's setns does; `ip netns exec` would also mount the
+    /// namespace's own /sys), so what `bin` learns about interfaces it must learn from the
+    /// kernel of its namespace, not from /sys/class/net. It execs `bin`: the pid is its own.
     fn spawn_in(netns: &str, bin: &PathBuf, args: &[String], log: PathBuf) -> Proc {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", netns]).arg(bin).args(args);
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{netns}"))
+            .arg("--")
+            .arg(bin)
+            .args(args);
         Self::start(cmd, &format!("{} in {netns}", bin.display()), log)
     }
 
