@@ -275,44 +275,15 @@ impl Lab {
     }
 
     fn create_pod(&self, name: &str, n: u8, netns: &str, host_if: &str) -> Result<Pod> {
-        let ipv4 = self.subnet.ipv4(n);
-        let ipv6 = self.subnet.ipv6(n);
-        let v4 = format!("{ipv4}/24");
-        let v6 = format!("{ipv6}/64");
+        let (ipv4, ipv6) = (self.subnet.ipv4(n), self.subnet.ipv6(n));
         let gw4 = self.subnet.ipv4(1).to_string();
         let gw6 = self.subnet.ipv6(1).to_string();
-        let steps: [&[&str]; 10] = [
-            &["ip", "netns", "add", netns],
-            &[
-                "ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns",
-                netns,
-            ],
-            // The host side is a bridge port only: no link-local address, no RS/MLD noise.
-            &["ip", "link", "set", "dev", host_if, "addrgenmode", "none"],
-            &[
-                "ip",
-                "link",
-                "set",
-                "dev",
-                host_if,
-                "master",
-                &self.bridge,
-                "up",
-            ],
-            &["ip", "-n", netns, "link", "set", "dev", "lo", "up"],
-            &["ip", "-n", netns, "addr", "add", &v4, "dev", "eth0"],
-            &[
-                "ip", "-n", netns, "-6", "addr", "add", &v6, "dev", "eth0", "nodad",
-            ],
-            &["ip", "-n", netns, "link", "set", "dev", "eth0", "up"],
-            &["ip", "-n", netns, "route", "add", "default", "via", &gw4],
-            &[
-                "ip", "-n", netns, "-6", "route", "add", "default", "via", &gw6,
-            ],
-        ];
-        for argv in steps {
-            cmd::run_ok(argv)?;
-        }
+        cmd::run_ok(&["ip", "netns", "add", netns])?;
+        self.plug_into_bridge(netns, host_if, n)?;
+        cmd::run_ok(&["ip", "-n", netns, "route", "add", "default", "via", &gw4])?;
+        cmd::run_ok(&[
+            "ip", "-n", netns, "-6", "route", "add", "default", "via", &gw6,
+        ])?;
         wait_pod_ready(netns, None, host_if)?;
         Ok(Pod {
             name: name.to_owned(),
@@ -439,10 +410,7 @@ impl Lab {
     }
 
     fn create_node(&self, name: &str, n: u8, netns: &str, uplink: &str) -> Result<Node> {
-        let ipv4 = self.subnet.ipv4(n);
-        let ipv6 = self.subnet.ipv6(n);
-        let v4 = format!("{ipv4}/24");
-        let v6 = format!("{ipv6}/64");
+        let (ipv4, ipv6) = (self.subnet.ipv4(n), self.subnet.ipv6(n));
         cmd::run_ok(&["ip", "netns", "add", netns])?;
         // Before any interface exists, so every one inherits it: the node routes, and its
         // link-local addresses (the source of the neighbour solicitations it sends when
@@ -450,31 +418,7 @@ impl Lab {
         netns::sysctl(netns, "net/ipv4/ip_forward", "1")?;
         netns::sysctl(netns, "net/ipv6/conf/all/forwarding", "1")?;
         netns::sysctl(netns, "net/ipv6/conf/default/accept_dad", "0")?;
-        let steps: [&[&str]; 7] = [
-            &[
-                "ip", "link", "add", uplink, "type", "veth", "peer", "name", "eth0", "netns", netns,
-            ],
-            &["ip", "link", "set", "dev", uplink, "addrgenmode", "none"],
-            &[
-                "ip",
-                "link",
-                "set",
-                "dev",
-                uplink,
-                "master",
-                &self.bridge,
-                "up",
-            ],
-            &["ip", "-n", netns, "link", "set", "dev", "lo", "up"],
-            &["ip", "-n", netns, "addr", "add", &v4, "dev", "eth0"],
-            &[
-                "ip", "-n", netns, "-6", "addr", "add", &v6, "dev", "eth0", "nodad",
-            ],
-            &["ip", "-n", netns, "link", "set", "dev", "eth0", "up"],
-        ];
-        for argv in steps {
-            cmd::run_ok(argv)?;
-        }
+        self.plug_into_bridge(netns, uplink, n)?;
         wait_pod_ready(netns, None, uplink)?;
         let node = Node {
             name: name.to_owned(),
@@ -491,6 +435,41 @@ impl Lab {
             add_routes(Some(netns), self.subnet, host, owner)?;
         }
         Ok(node)
+    }
+
+    /// Links namespace `netns` (a pod's or a node's) to the bridge: a veth from port
+    /// `host_if` to `eth0` in `netns` with `.n/24` and `::n/64`; `eth0` and `lo` up.
+    fn plug_into_bridge(&self, netns: &str, host_if: &str, n: u8) -> Result<()> {
+        let v4 = format!("{}/24", self.subnet.ipv4(n));
+        let v6 = format!("{}/64", self.subnet.ipv6(n));
+        let steps: [&[&str]; 7] = [
+            &[
+                "ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns",
+                netns,
+            ],
+            // The host side is a bridge port only: no link-local address, no RS/MLD noise.
+            &["ip", "link", "set", "dev", host_if, "addrgenmode", "none"],
+            &[
+                "ip",
+                "link",
+                "set",
+                "dev",
+                host_if,
+                "master",
+                &self.bridge,
+                "up",
+            ],
+            &["ip", "-n", netns, "link", "set", "dev", "lo", "up"],
+            &["ip", "-n", netns, "addr", "add", &v4, "dev", "eth0"],
+            &[
+                "ip", "-n", netns, "-6", "addr", "add", &v6, "dev", "eth0", "nodad",
+            ],
+            &["ip", "-n", netns, "link", "set", "dev", "eth0", "up"],
+        ];
+        for argv in steps {
+            cmd::run_ok(argv)?;
+        }
+        Ok(())
     }
 
     /// Deletes the routes other nodes and the root namespace have to host `.n` / `::n`.
