@@ -59,6 +59,15 @@ pub struct Config {
     pub drain_interval: Duration,
     /// Bytes pending in the ring that force an immediate wakeup of the reader.
     pub wakeup_watermark_bytes: u64,
+    /// Longest time the flow watermark allows between the datapath timestamping an event
+    /// and committing it to the ring buffer: the watermark stays twice this behind the
+    /// start of the reader's last drain (see `pipeline::drain_watermark`).
+    #[serde(with = "humantime_serde")]
+    pub max_event_delay: Duration,
+    /// A following FlowBatches stream (the relay's) whose watermark moved with nothing else
+    /// to send sends a batch with only the watermark after this long.
+    #[serde(with = "humantime_serde")]
+    pub watermark_heartbeat: Duration,
     /// Decoded events waiting for enrichment (in batches); full queue drops newest, counted.
     pub event_queue_batches: usize,
     /// New flows buffered per following client before it is told it lost some.
@@ -102,6 +111,12 @@ impl Default for Config {
             drain_interval: Duration::from_millis(20),
             // A quarter of the default ring: wake the reader well before it fills.
             wakeup_watermark_bytes: 2 << 20,
+            // A TC program runs to completion in microseconds with preemption disabled;
+            // the margin covers interrupts and a virtual CPU descheduled for a while.
+            max_event_delay: Duration::from_millis(5),
+            // Twice per drain interval: a quiet node's watermark reaches the relay as soon
+            // as a drain moves it, without an empty message per flow batch.
+            watermark_heartbeat: Duration::from_millis(10),
             event_queue_batches: 1024,
             follow_queue: 65_536,
             endpoints_poll_interval: Duration::from_millis(250),
@@ -179,6 +194,21 @@ impl Config {
             return Err(ConfigError::invalid(
                 "drain_interval",
                 "0s: must be positive",
+            ));
+        }
+        if self.watermark_heartbeat.is_zero() {
+            return Err(ConfigError::invalid(
+                "watermark_heartbeat",
+                "0s: must be positive",
+            ));
+        }
+        if self.max_event_delay > Duration::from_secs(60) {
+            return Err(ConfigError::invalid(
+                "max_event_delay",
+                format!(
+                    "{}: at most 1m",
+                    humantime::format_duration(self.max_event_delay)
+                ),
             ));
         }
         Ok(())

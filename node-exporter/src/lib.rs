@@ -143,6 +143,7 @@ pub async fn run(
     let reader = tokio::spawn(pipeline::run_reader(
         events,
         config.drain_interval,
+        config.max_event_delay,
         ev_tx,
         metrics.clone(),
         stop_rx.clone(),

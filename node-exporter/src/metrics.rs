@@ -42,6 +42,7 @@ pub mod names {
     pub const POLICY_GENERATION: &str = "lumen_policy_generation";
     pub const POLICY_CHANGE_SECONDS: &str = "lumen_policy_change_seconds";
     pub const POLICY_VERDICTS: &str = "lumen_datapath_policy_verdicts";
+    pub const WATERMARK_MISSES: &str = "lumen_flow_watermark_misses";
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -104,6 +105,8 @@ pub struct Metrics {
     /// From a change in the policy directory being noticed to its enforcement.
     pub policy_change_seconds: Histogram,
     pub policy_verdicts: Family<VerdictLabels, Counter>,
+    /// Flows older than the watermark already published when they reached the flow ring.
+    pub watermark_misses: Counter,
     last_dp: Mutex<DatapathCounters>,
     /// Events lost in the kernel so far (mirrors the datapath counter for ServerStatus).
     pub kernel_lost: AtomicU64,
@@ -140,6 +143,7 @@ impl Metrics {
             // 0.5 ms .. ~16 s.
             policy_change_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             policy_verdicts: Family::default(),
+            watermark_misses: Counter::default(),
             last_dp: Mutex::new(DatapathCounters::default()),
             kernel_lost: AtomicU64::new(0),
             queue_lost: AtomicU64::new(0),
@@ -222,6 +226,11 @@ impl Metrics {
                 ATTACHED_INTERFACES,
                 "Interfaces the datapath is attached to",
                 m.attached_interfaces.clone(),
+            );
+            r.register(
+                WATERMARK_MISSES,
+                "Flows older than the flow watermark already promised when they reached the flow ring (an event delayed past max_event_delay, or the wall clock stepped back); a relay sees them late",
+                m.watermark_misses.clone(),
             );
             r.register(
                 METADATA_RELOAD_ERRORS,

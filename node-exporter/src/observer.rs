@@ -1,9 +1,15 @@
 //! The Observer gRPC service (Hubble's `observer.Observer`) over the flow ring:
 //! GetFlows (last/first N, since/until, whitelist/blacklist filters, field mask, follow),
 //! ServerStatus and GetNodes. One place converts errors to `tonic::Status`.
+//!
+//! The same answers feed the Lumen-only FlowBatches RPC the relay reads
+//! ([`lumen_relay::batches::watermarked_server`]); there a following stream also carries
+//! the node's flow watermark (see `pipeline::drain_watermark`), in order with its flows.
+//! GetFlows stays one flow per response, with nothing else, for stock Hubble clients.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
 
+use futures::{Stream, StreamExt};
 use lumen_proto::{
     flow::{Flow, LostEvent, LostEventSource},
     observer::{
@@ -16,6 +22,7 @@ use lumen_proto::{
     },
     relay::NodeState as WireNodeState,
 };
+use lumen_relay::batches::{FlowSource, SourceItem, SourceStream};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -23,7 +30,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     clock,
     convert::{timestamp, to_flow, ConvertContext},
-    store::StoredFlow,
+    store::{Published, StoredFlow},
     NodeState,
 };
 
@@ -69,12 +76,17 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let inspector = crate::inspect::Inspector::server(svc.state.clone());
+    let heartbeat = svc.state.config.watermark_heartbeat;
     let svc = Arc::new(svc);
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(inspector)
-        // Lumen-only batched stream for the relay (several flows per message).
-        .add_service(lumen_relay::batches::server(svc.clone()))
+        // Lumen-only batched stream for the relay (several flows per message, and the
+        // node's watermark).
+        .add_service(lumen_relay::batches::watermarked_server(
+            svc.clone(),
+            heartbeat,
+        ))
         .add_service(ObserverServer::from_arc(svc).max_decoding_message_size(4 << 20))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
@@ -148,7 +160,9 @@ struct Responder {
     ifnames: HashMap<u32, String>,
     compiled: Arc<lumen_policy::compile::CompiledPolicy>,
     policies: Arc<Vec<lumen_policy::Policy>>,
-    tx: mpsc::Sender<Result<GetFlowsResponse, Status>>,
+    tx: mpsc::Sender<Result<SourceItem, Status>>,
+    /// Pass the ring's watermarks on (FlowBatches; never on GetFlows).
+    watermarks: bool,
 }
 
 impl Responder {
@@ -188,7 +202,7 @@ impl Responder {
             node_name: self.state.config.node_name.clone(),
             time,
         };
-        self.tx.send(Ok(resp)).await.is_ok()
+        self.tx.send(Ok(SourceItem::Response(resp))).await.is_ok()
     }
 
     async fn send_lost(&self, source: LostEventSource, n: u64) -> bool {
@@ -201,7 +215,7 @@ impl Responder {
             node_name: self.state.config.node_name.clone(),
             time: Some(timestamp(clock::realtime_ns())),
         };
-        self.tx.send(Ok(resp)).await.is_ok()
+        self.tx.send(Ok(SourceItem::Response(resp))).await.is_ok()
     }
 
     async fn run(self, q: Query) {
@@ -278,7 +292,7 @@ impl Responder {
     async fn follow(
         &self,
         q: &Query,
-        rx: &mut broadcast::Receiver<(u64, StoredFlow)>,
+        rx: &mut broadcast::Receiver<Published>,
         mut last_seq: Option<u64>,
     ) {
         let metrics = self.state.metrics.clone();
@@ -289,7 +303,19 @@ impl Responder {
         loop {
             tokio::select! {
                 r = rx.recv() => match r {
-                    Ok((seq, f)) => {
+                    Ok(Published::Watermark(w)) => {
+                        // Every flow sent from now on is at least this new (the ring's
+                        // promise, in order with its flows). A newer one supersedes it:
+                        // never wait for the client for it.
+                        if self.watermarks {
+                            if let Err(mpsc::error::TrySendError::Closed(_)) =
+                                self.tx.try_send(Ok(SourceItem::Watermark(w)))
+                            {
+                                return;
+                            }
+                        }
+                    }
+                    Ok(Published::Flow(seq, f)) => {
                         if last_seq.is_some_and(|l| seq <= l) {
                             continue;
                         }
@@ -344,17 +370,15 @@ impl Drop for ClientGauge {
     }
 }
 
-#[tonic::async_trait]
-impl Observer for ObserverService {
-    type GetFlowsStream = ReceiverStream<Result<GetFlowsResponse, Status>>;
-    type GetAgentEventsStream = ReceiverStream<Result<GetAgentEventsResponse, Status>>;
-    type GetDebugEventsStream = ReceiverStream<Result<GetDebugEventsResponse, Status>>;
-
-    async fn get_flows(
+impl ObserverService {
+    /// Starts answering a GetFlows request; with `watermarks`, a following answer carries
+    /// the ring's watermarks among the responses.
+    fn answer(
         &self,
-        request: Request<GetFlowsRequest>,
-    ) -> Result<Response<Self::GetFlowsStream>, Status> {
-        let q = Query::parse(request.into_inner())?;
+        request: GetFlowsRequest,
+        watermarks: bool,
+    ) -> Result<mpsc::Receiver<Result<SourceItem, Status>>, Status> {
+        let q = Query::parse(request)?;
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let ifnames = self.state.interface_names();
         let responder = Responder {
@@ -363,6 +387,7 @@ impl Observer for ObserverService {
             compiled: self.state.compiled_policy(),
             policies: self.state.policies(),
             tx,
+            watermarks,
         };
         self.state.metrics.grpc_clients.inc();
         let gauge = ClientGauge(self.state.metrics.clone());
@@ -370,7 +395,41 @@ impl Observer for ObserverService {
             responder.run(q).await;
             drop(gauge);
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(rx)
+    }
+}
+
+/// The answers for FlowBatches: GetFlows' responses with the node's watermarks.
+#[tonic::async_trait]
+impl FlowSource for ObserverService {
+    async fn flow_items(&self, request: Request<GetFlowsRequest>) -> Result<SourceStream, Status> {
+        let rx = self.answer(request.into_inner(), true)?;
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+}
+
+type GetFlowsStream = Pin<Box<dyn Stream<Item = Result<GetFlowsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Observer for ObserverService {
+    type GetFlowsStream = GetFlowsStream;
+    type GetAgentEventsStream = ReceiverStream<Result<GetAgentEventsResponse, Status>>;
+    type GetDebugEventsStream = ReceiverStream<Result<GetDebugEventsResponse, Status>>;
+
+    async fn get_flows(
+        &self,
+        request: Request<GetFlowsRequest>,
+    ) -> Result<Response<Self::GetFlowsStream>, Status> {
+        // One flow per response and nothing else, as Hubble's API is: no watermarks.
+        let rx = self.answer(request.into_inner(), false)?;
+        let responses = ReceiverStream::new(rx).filter_map(|item| {
+            futures::future::ready(match item {
+                Ok(SourceItem::Response(r)) => Some(Ok(r)),
+                Ok(SourceItem::Watermark(_)) => None,
+                Err(e) => Some(Err(e)),
+            })
+        });
+        Ok(Response::new(Box::pin(responses)))
     }
 
     async fn get_agent_events(

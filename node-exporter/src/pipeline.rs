@@ -1,6 +1,11 @@
 //! The flow pipeline: ring reader (decode) ─► bounded queue of batches ─► enricher ─►
 //! flow ring. The reader never blocks on a slow consumer: a full queue drops the batch and
 //! counts every event in it as lost (`events_queue`).
+//!
+//! Each drain of the ring also establishes the node's flow watermark
+//! ([`drain_watermark`]); it travels behind the drain's events through the same queue and
+//! the enricher publishes it on the flow ring, in order with the flows, for following
+//! clients (the relay's FlowBatches streams carry it).
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -14,7 +19,7 @@ use tokio::{io::unix::AsyncFd, sync::mpsc};
 use tracing::{debug, warn};
 
 use crate::{
-    clock::ClockOffset,
+    clock::{self, ClockOffset},
     decode::{decode, Record},
     metadata::MetadataHandle,
     metrics::{FlowLabels, Metrics},
@@ -24,12 +29,54 @@ use crate::{
 /// Most events handed from the reader to the enricher in one message.
 pub const BATCH: usize = 512;
 
+/// What the ring reader hands the enricher, in order.
+#[derive(Debug)]
+pub enum Drained {
+    /// Decoded events, in ring order.
+    Events(Vec<FlowEvent>),
+    /// Every event timestamped before this (CLOCK_MONOTONIC ns) came in an earlier
+    /// message or was lost: see [`drain_watermark`].
+    Watermark(u64),
+}
+
+/// The watermark a drain of the ring that started at `started_ns` (CLOCK_MONOTONIC, read
+/// before the first record) establishes: `started − 2 × max_event_delay`, where
+/// `max_event_delay` bounds how long an emitting program run takes from reading the
+/// event's timestamp (`bpf_ktime_get_ns`, the same clock) or reserving its record,
+/// whichever comes first, to committing it (`bpf_ringbuf_submit`). `None` before the
+/// clock has run that long.
+///
+/// Why nothing older can come later. The ring is read in reservation order, and the
+/// reader stops at the first record that is reserved but not yet committed: it cannot skip
+/// it. So events of different CPUs come out slightly out of time order, and an event
+/// committed before the drain may still wait behind an uncommitted one when it ends. Say
+/// the drain started at D, stopped at some T ≥ D, and did not read an event E stamped at
+/// t < D − 2d (d = `max_event_delay`). Either E was not committed at T: it is committed
+/// within d of its stamp, so t > T − d ≥ D − d. Or E waited behind a record R reserved
+/// before it and uncommitted at T: R's reservation is within d of its commit, which is
+/// after T, so it is after D − d; E was reserved after R, and stamped at most d before
+/// its own reservation, so t > D − 2d. Both contradict t < D − 2d: every event stamped
+/// before D − 2d was read by this drain or an earlier one, and went into the queue to the
+/// enricher ahead of the watermark (or was dropped there and counted lost, never late).
+///
+/// What it cannot promise: a program run delayed past d (a virtual CPU descheduled between
+/// stamp and commit), or a wall-clock step backwards between converting two times (the
+/// ring's own order breaks then too). Such flows reach the ring older than the watermark
+/// already published; they are counted (`lumen_flow_watermark_misses_total`) and a relay
+/// sees them as late flows.
+pub fn drain_watermark(started_ns: i64, max_event_delay: Duration) -> Option<u64> {
+    let d = i64::try_from(max_event_delay.as_nanos()).unwrap_or(i64::MAX);
+    u64::try_from(started_ns.checked_sub(d.saturating_mul(2))?).ok()
+}
+
 /// Read the ring buffer until `shutdown` resolves: wake on data (the datapath forces a
-/// wakeup above its watermark) or every `drain_interval`, drain everything available.
+/// wakeup above its watermark) or every `drain_interval`, drain everything available, and
+/// follow each drain with the watermark it establishes ([`drain_watermark`]).
 pub async fn run_reader(
     ring: RingBuf<MapData>,
     drain_interval: Duration,
-    tx: mpsc::Sender<Vec<FlowEvent>>,
+    max_event_delay: Duration,
+    tx: mpsc::Sender<Drained>,
     metrics: Arc<Metrics>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -50,7 +97,7 @@ pub async fn run_reader(
             r = fd.readable_mut() => {
                 match r {
                     Ok(mut guard) => {
-                        drain(guard.get_inner_mut(), &tx, &metrics);
+                        drain(guard.get_inner_mut(), max_event_delay, &tx, &metrics);
                         guard.clear_ready();
                     }
                     Err(e) => {
@@ -59,16 +106,23 @@ pub async fn run_reader(
                     }
                 }
             }
-            _ = tick.tick() => drain(fd.get_mut(), &tx, &metrics),
+            _ = tick.tick() => drain(fd.get_mut(), max_event_delay, &tx, &metrics),
             _ = shutdown.changed() => {
-                drain(fd.get_mut(), &tx, &metrics);
+                drain(fd.get_mut(), max_event_delay, &tx, &metrics);
                 return;
             }
         }
     }
 }
 
-fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Vec<FlowEvent>>, metrics: &Metrics) {
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    max_event_delay: Duration,
+    tx: &mpsc::Sender<Drained>,
+    metrics: &Metrics,
+) {
+    // Before the first record: see drain_watermark.
+    let started = clock::monotonic_ns();
     let mut batch = Vec::with_capacity(BATCH);
     while let Some(item) = ring.next() {
         match decode(&item) {
@@ -90,11 +144,15 @@ fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Vec<FlowEvent>>, metrics
     if !batch.is_empty() {
         send(batch, tx, metrics);
     }
+    if let Some(w) = drain_watermark(started, max_event_delay) {
+        // A full queue drops it: the next drain says more.
+        let _ = tx.try_send(Drained::Watermark(w));
+    }
 }
 
-fn send(batch: Vec<FlowEvent>, tx: &mpsc::Sender<Vec<FlowEvent>>, metrics: &Metrics) {
+fn send(batch: Vec<FlowEvent>, tx: &mpsc::Sender<Drained>, metrics: &Metrics) {
     let n = batch.len() as u64;
-    if let Err(e) = tx.try_send(batch) {
+    if let Err(e) = tx.try_send(Drained::Events(batch)) {
         match e {
             mpsc::error::TrySendError::Full(_) | mpsc::error::TrySendError::Closed(_) => {
                 metrics.count_queue_loss(n)
@@ -103,15 +161,23 @@ fn send(batch: Vec<FlowEvent>, tx: &mpsc::Sender<Vec<FlowEvent>>, metrics: &Metr
     }
 }
 
-/// Enrich decoded events and append them to the flow ring.
+/// Enrich decoded events and append them to the flow ring; publish the reader's
+/// watermarks on the ring in order with them, in wall-clock time as the flows' times.
 pub async fn run_enricher(
-    mut rx: mpsc::Receiver<Vec<FlowEvent>>,
+    mut rx: mpsc::Receiver<Drained>,
     metadata: MetadataHandle,
     clock: Arc<ClockOffset>,
     ring: Arc<FlowRing>,
     metrics: Arc<Metrics>,
 ) {
-    while let Some(batch) = rx.recv().await {
+    while let Some(msg) = rx.recv().await {
+        let batch = match msg {
+            Drained::Events(batch) => batch,
+            Drained::Watermark(mono) => {
+                ring.advance(clock.to_wall_ns(mono));
+                continue;
+            }
+        };
         let meta = metadata.current();
         let flows: Vec<StoredFlow> = batch
             .iter()
@@ -124,6 +190,10 @@ pub async fn run_enricher(
                 f
             })
             .collect();
+        if let Some(promised) = ring.watermark() {
+            let misses = flows.iter().filter(|f| f.time_ns < promised).count();
+            metrics.watermark_misses.inc_by(misses as u64);
+        }
         ring.push_batch(flows);
     }
 }
@@ -242,5 +312,73 @@ pub fn protocol_name(p: u8, flags: u8) -> &'static str {
         58 => "ICMPv6",
         132 => "SCTP",
         _ => "IP",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_drain_promises_twice_the_event_delay_before_it_started() {
+        let ms = 1_000_000i64;
+        let d = Duration::from_millis(5);
+        assert_eq!(drain_watermark(100 * ms, d), Some(90 * ms as u64));
+        assert_eq!(
+            drain_watermark(9 * ms, d),
+            None,
+            "before the clock ran that long"
+        );
+    }
+
+    #[tokio::test]
+    async fn watermarks_reach_followers_in_order_with_flows_and_misses_are_counted() {
+        let ring = FlowRing::new(64, 64);
+        let mut rx = ring.subscribe();
+        let metrics = Metrics::new();
+        let clock = Arc::new(ClockOffset::new());
+        let (tx, events) = mpsc::channel(8);
+        let ev = |ts_ns| FlowEvent {
+            ts_ns,
+            ..Default::default()
+        };
+        let base = 1_000_000_000u64;
+        for msg in [
+            Drained::Events(vec![ev(base), ev(base + 2)]),
+            Drained::Watermark(base + 10),
+            // An older watermark (cannot happen from one reader, but) is no news.
+            Drained::Watermark(base + 5),
+            // An event stamped before the promise: the datapath took longer than allowed.
+            Drained::Events(vec![ev(base + 7), ev(base + 12)]),
+        ] {
+            tx.send(msg).await.expect("enricher queue open");
+        }
+        drop(tx);
+        run_enricher(
+            events,
+            MetadataHandle::default(),
+            clock.clone(),
+            ring.clone(),
+            metrics.clone(),
+        )
+        .await;
+        let wall = |mono: u64| clock.to_wall_ns(mono);
+        let got: Vec<(&str, i64)> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|p| match p {
+                crate::store::Published::Flow(_, f) => ("flow", f.time_ns),
+                crate::store::Published::Watermark(w) => ("watermark", w),
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("flow", wall(base)),
+                ("flow", wall(base + 2)),
+                ("watermark", wall(base + 10)),
+                ("flow", wall(base + 7)),
+                ("flow", wall(base + 12)),
+            ]
+        );
+        assert_eq!(metrics.watermark_misses.get(), 1);
     }
 }

@@ -1,11 +1,12 @@
 //! The flow ring: the last N enriched flows, kept compactly (endpoint metadata is shared
 //! through `Arc`s, not copied per flow), with a sequence number per flow so readers can
-//! page through it without holding the lock, and a broadcast of new flows for followers.
+//! page through it without holding the lock, and a broadcast of new flows for followers,
+//! with the node's flow watermark among them ([`Published`]).
 
 use std::{
     collections::VecDeque,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicI64, AtomicU64, Ordering},
         Arc, RwLock,
     },
 };
@@ -93,6 +94,16 @@ struct Inner {
     first_seq: u64,
 }
 
+/// What the ring tells its followers, in order.
+#[derive(Debug, Clone)]
+pub enum Published {
+    /// A new flow and its sequence number.
+    Flow(u64, StoredFlow),
+    /// The flow watermark (wall ns): every flow older than this that will ever reach the
+    /// ring came before this item (see [`FlowRing::advance`]).
+    Watermark(i64),
+}
+
 /// Bounded in-memory ring of flows.
 pub struct FlowRing {
     inner: RwLock<Inner>,
@@ -100,7 +111,9 @@ pub struct FlowRing {
     seen: AtomicU64,
     /// Flows evicted because the ring was full (the oldest go first).
     evicted: AtomicU64,
-    tx: broadcast::Sender<(u64, StoredFlow)>,
+    /// Newest watermark published (`i64::MIN`: none yet).
+    watermark: AtomicI64,
+    tx: broadcast::Sender<Published>,
 }
 
 impl FlowRing {
@@ -116,6 +129,7 @@ impl FlowRing {
             capacity: capacity.max(1),
             seen: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
+            watermark: AtomicI64::new(i64::MIN),
             tx,
         })
     }
@@ -163,7 +177,7 @@ impl FlowRing {
                 }
                 let seq = g.first_seq + g.buf.len() as u64;
                 if want_broadcast {
-                    followers.push((seq, f.clone()));
+                    followers.push(Published::Flow(seq, f.clone()));
                 }
                 g.buf.push_back(f);
             }
@@ -217,8 +231,23 @@ impl FlowRing {
             .collect()
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<(u64, StoredFlow)> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Published> {
         self.tx.subscribe()
+    }
+
+    /// The one writer of the ring promises that no flow older than `watermark_ns` (wall
+    /// ns) will be pushed from now on; followers get it in order with the flows. Only
+    /// moves forward: an older watermark is ignored.
+    pub fn advance(&self, watermark_ns: i64) {
+        let before = self.watermark.fetch_max(watermark_ns, Ordering::AcqRel);
+        if before < watermark_ns && self.tx.receiver_count() > 0 {
+            let _ = self.tx.send(Published::Watermark(watermark_ns));
+        }
+    }
+
+    /// Newest watermark published.
+    pub fn watermark(&self) -> Option<i64> {
+        Some(self.watermark.load(Ordering::Acquire)).filter(|w| *w != i64::MIN)
     }
 
     /// Flows per second over the last `window_ns` of flow time.
@@ -300,7 +329,20 @@ mod tests {
         let ring = FlowRing::new(10, 16);
         let mut rx = ring.subscribe();
         ring.push_batch(vec![flow(1), flow(2)]);
-        assert_eq!(rx.try_recv().map(|(s, _)| s).ok(), Some(0));
-        assert_eq!(rx.try_recv().map(|(s, _)| s).ok(), Some(1));
+        ring.advance(5);
+        ring.advance(4);
+        ring.push_batch(vec![flow(6)]);
+        let got: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|p| match p {
+                Published::Flow(seq, f) => format!("flow {seq} at {}", f.time_ns),
+                Published::Watermark(w) => format!("watermark {w}"),
+            })
+            .collect();
+        assert_eq!(
+            got,
+            ["flow 0 at 1", "flow 1 at 2", "watermark 5", "flow 2 at 6"],
+            "in order, and the watermark never moves back"
+        );
+        assert_eq!(ring.watermark(), Some(5));
     }
 }
