@@ -1,10 +1,13 @@
 //! `cargo xtask demo`: a lab of pods (network namespaces + veth pairs, IPv4 and IPv6) on a
 //! bridge, the node exporter attached to their host-side interfaces with their metadata,
 //! a loop of real traffic (HTTP over TCP on v4 and v6, UDP, ping, a refused connection),
-//! and `lumen observe --follow` in the terminal. Ctrl-C (or --duration) tears it all down.
+//! and `lumen observe --follow` in the terminal. With `--nodes N`, a lab of N nodes (network
+//! namespaces of their own, each with its pods and its node exporter) behind `lumen-relay`.
+//! Ctrl-C (or --duration) tears it all down.
 
 use std::{
     net::IpAddr,
+    os::unix::process::CommandExt as _,
     process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -18,6 +21,9 @@ use lumen_lab::{Lab, Pod};
 
 use crate::{setup, sh, workspace_root};
 
+/// The node exporters' gRPC port in multi-node mode: each listens on its own node's address.
+const EXPORTER_PORT: u16 = 4244;
+
 #[derive(clap::Args)]
 pub struct DemoArgs {
     /// Stop after this many seconds (default: run until Ctrl-C).
@@ -29,13 +35,27 @@ pub struct DemoArgs {
     /// Skip `cargo xtask setup`.
     #[arg(long)]
     no_setup: bool,
-    /// Run this many node exporters (each owning some of the pods, all pods on one L2
-    /// segment so traffic crosses nodes) behind a relay, and stream through the relay.
+    /// Run this many nodes, each a network namespace with two pods of its own and its node
+    /// exporter, routed to each other over the lab bridge so traffic crosses nodes, behind a
+    /// relay (in the root namespace), and stream through the relay.
     #[arg(long, default_value_t = 1)]
     nodes: usize,
 }
 
 struct Proc(Child, &'static str);
+
+impl Proc {
+    /// Starts `cmd` (`what` names it) in a process group of its own: Ctrl-C reaches only the
+    /// demo, which then stops everything in order (observe, status, relay, node exporters).
+    fn start(cmd: &mut Command, what: &'static str) -> Result<Proc> {
+        let child = cmd
+            .stdin(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {what}"))?;
+        Ok(Proc(child, what))
+    }
+}
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -107,7 +127,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
 
     let port = free_port()?;
     let server = format!("127.0.0.1:{port}");
-    let exporter = Proc(
+    let exporter = Proc::start(
         Command::new(bin.join("lumen-node-exporter"))
             .args([
                 "--node-name",
@@ -119,12 +139,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
                 "--endpoints-file",
             ])
             .arg(&endpoints)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .context("starting lumen-node-exporter")?,
+            .env("RUST_LOG", "warn"),
         "lumen-node-exporter",
-    );
+    )?;
     wait_for_port(&server, Duration::from_secs(20))?;
 
     let _http4 = web.http_server(8080)?;
@@ -226,9 +243,12 @@ fn wait_for_port(addr: &str, timeout: Duration) -> Result<()> {
     bail!("the node exporter did not listen on {addr} within {timeout:?}")
 }
 
-/// Multi-node mode: `nodes` node exporters, each attached to its own pods' interfaces and
-/// named `node-1..`, all pods on one bridge (so pods talk across nodes), a relay fanning
-/// the nodes in, and `lumen observe --follow` against the relay.
+/// Multi-node mode: `nodes` lab nodes `node-1..` (network namespaces), each with pods
+/// `web<n>` and `api<n>` and a node exporter inside the node's namespace listening on the
+/// node's address (attached to its own pods' interfaces, named in the shared endpoints file),
+/// a relay in the root namespace dialling the nodes' addresses, and `lumen observe --follow`
+/// against the relay. Each api pod calls the web pod of another node: every request crosses
+/// two nodes.
 fn run_multi_node(args: DemoArgs) -> Result<()> {
     sh::cargo(
         &[
@@ -247,101 +267,109 @@ fn run_multi_node(args: DemoArgs) -> Result<()> {
     let bin = workspace_root().join("target/debug");
     let stop = stop_flag()?;
     let mut lab = Lab::new("demo-multi")?;
-    let mut pods: Vec<(usize, Pod)> = Vec::new();
+    let mut nodes = Vec::new();
+    let mut webs = Vec::new();
+    let mut apis = Vec::new();
     for n in 1..=args.nodes {
-        for role in ["web", "api"] {
-            pods.push((n, lab.add_pod(&format!("{role}{n}"))?));
-        }
+        let node = lab.add_node(&format!("node-{n}"))?;
+        webs.push(lab.add_pod_on(&node.name, &format!("web{n}"))?);
+        apis.push(lab.add_pod_on(&node.name, &format!("api{n}"))?);
+        nodes.push(node);
     }
     let dir = tempfile::tempdir()?;
     let endpoints = dir.path().join("endpoints.yaml");
     let mut yaml = String::from("endpoints:\n");
-    for (n, p) in &pods {
+    for p in webs.iter().chain(&apis) {
         let app = p.name.trim_end_matches(|c: char| c.is_ascii_digit());
         yaml.push_str(&format!(
-            "  - pod: {name}\n    namespace: demo\n    labels: {{app: {app}}}\n    interface: {iface}\n    node: node-{n}\n    ips: [\"{v4}\", \"{v6}\"]\n",
-            name = p.name, iface = p.host_if, v4 = p.ipv4, v6 = p.ipv6
+            "  - pod: {name}\n    namespace: demo\n    labels: {{app: {app}}}\n    interface: {iface}\n    node: {node}\n    ips: [\"{v4}\", \"{v6}\"]\n",
+            name = p.name,
+            iface = p.host_if,
+            node = p.node.as_deref().unwrap_or_default(),
+            v4 = p.ipv4,
+            v6 = p.ipv6
         ));
     }
     yaml.push_str("nodes:\n");
-    let mut procs = Vec::new();
-    let mut node_flags = Vec::new();
-    let mut addrs = Vec::new();
-    for n in 1..=args.nodes {
-        let addr = format!("127.0.0.1:{}", free_port()?);
-        yaml.push_str(&format!("  - {{name: node-{n}, address: \"{addr}\"}}\n"));
-        addrs.push((n, addr));
+    for node in &nodes {
+        yaml.push_str(&format!(
+            "  - {{name: {}, address: \"{}\"}}\n",
+            node.name,
+            node.socket_addr(EXPORTER_PORT)
+        ));
     }
     std::fs::write(&endpoints, yaml)?;
-    for (n, addr) in &addrs {
-        procs.push(Proc(
-            Command::new(bin.join("lumen-node-exporter"))
-                .args([
-                    "--node-name",
-                    &format!("node-{n}"),
-                    "--listen-address",
-                    addr,
-                    "--metrics-address",
-                    "127.0.0.1:0",
-                    "--endpoints-file",
-                ])
-                .arg(&endpoints)
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .spawn()
-                .context("starting lumen-node-exporter")?,
-            "lumen-node-exporter",
-        ));
-        node_flags.push(format!("node-{n}={addr}"));
+    let mut exporters = Vec::new();
+    for node in &nodes {
+        let listen = node.socket_addr(EXPORTER_PORT).to_string();
+        exporters.push(
+            Proc::start(
+                Command::new("ip")
+                    .args(["netns", "exec", &node.netns])
+                    .arg(bin.join("lumen-node-exporter"))
+                    .args([
+                        "--node-name",
+                        &node.name,
+                        "--listen-address",
+                        &listen,
+                        "--metrics-address",
+                        "",
+                        "--endpoints-file",
+                    ])
+                    .arg(&endpoints)
+                    .env("RUST_LOG", "warn"),
+                "lumen-node-exporter",
+            )
+            .with_context(|| format!("in node namespace {}", node.netns))?,
+        );
     }
-    for (_, addr) in &addrs {
-        wait_for_port(addr, Duration::from_secs(20))?;
+    for node in &nodes {
+        wait_for_port(
+            &node.socket_addr(EXPORTER_PORT).to_string(),
+            Duration::from_secs(20),
+        )?;
     }
     let relay_addr = format!("127.0.0.1:{}", free_port()?);
     let mut relay_cmd = Command::new(bin.join("lumen-relay"));
     relay_cmd.args(["--listen-address", &relay_addr, "--metrics-address", ""]);
-    for f in &node_flags {
-        relay_cmd.args(["--node", f]);
+    for node in &nodes {
+        relay_cmd.args([
+            "--node",
+            &format!("{}={}", node.name, node.socket_addr(EXPORTER_PORT)),
+        ]);
     }
-    let relay = Proc(
-        relay_cmd
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .context("starting lumen-relay")?,
-        "lumen-relay",
-    );
+    let relay = Proc::start(relay_cmd.env("RUST_LOG", "warn"), "lumen-relay")?;
     wait_for_port(&relay_addr, Duration::from_secs(20))?;
-    let servers: Vec<_> = pods
+    let servers: Vec<_> = webs
         .iter()
-        .filter(|(_, p)| p.name.starts_with("web"))
-        .map(|(_, p)| p.http_server(8080))
+        .map(|p| p.http_server(8080))
         .collect::<Result<_>>()?;
     std::thread::sleep(Duration::from_millis(500));
     eprintln!(
-        "demo: {} nodes behind relay {relay_addr}; lab {}",
-        args.nodes,
-        lab.id()
+        "demo: lab {}, {} nodes ({}) behind relay {relay_addr}",
+        lab.id(),
+        nodes.len(),
+        nodes
+            .iter()
+            .map(|n| format!("{} {}", n.name, n.ipv4))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let observe = observe_follow(&bin, &relay_addr, &args.output)?;
     let started = Instant::now();
     let deadline = args.duration.map(Duration::from_secs);
     let mut round = 0usize;
-    let webs: Vec<&Pod> = pods
-        .iter()
-        .filter(|(_, p)| p.name.starts_with("web"))
-        .map(|(_, p)| p)
-        .collect();
-    let apis: Vec<&Pod> = pods
-        .iter()
-        .filter(|(_, p)| p.name.starts_with("api"))
-        .map(|(_, p)| p)
-        .collect();
     while !stop.load(Ordering::SeqCst) && deadline.is_none_or(|d| started.elapsed() < d) {
-        // Each api talks to the web pod of the next node: traffic crosses nodes.
+        // Each api calls the web pod of another node, over IPv4 and IPv6 by turns.
         for (i, api) in apis.iter().enumerate() {
-            let web = webs[(i + round + 1) % webs.len()];
-            if let Err(e) = api.http_get(IpAddr::V4(web.ipv4), 8080, "/") {
+            // An offset of 1 to nodes-1: never the api's own node.
+            let web = &webs[(i + 1 + round % (webs.len() - 1)) % webs.len()];
+            let ip = if (i + round).is_multiple_of(2) {
+                IpAddr::V4(web.ipv4)
+            } else {
+                IpAddr::V6(web.ipv6)
+            };
+            if let Err(e) = api.http_get(ip, 8080, "/") {
                 eprintln!("demo: http: {e:#}");
             }
         }
@@ -359,7 +387,7 @@ fn run_multi_node(args: DemoArgs) -> Result<()> {
         .args(["status", "--server", &relay_addr])
         .status();
     drop(relay);
-    drop(procs);
+    drop(exporters);
     drop(servers);
     remove_lab(lab)
 }
@@ -373,25 +401,24 @@ fn stop_flag() -> Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
-/// Remove the lab and fail if any program is still attached to its interfaces.
+/// Remove the lab and fail if any program is still attached to its interfaces (in the root
+/// namespace and in its nodes' namespaces) or they cannot be checked.
 fn remove_lab(lab: Lab) -> Result<()> {
-    let attached: Vec<String> = lab
-        .host_interfaces()
-        .iter()
-        .filter_map(|i| {
-            lumen_lab::attachments(i)
-                .ok()
-                .filter(|a| !a.is_empty())
-                .map(|a| format!("{i}: {a}"))
-        })
-        .collect();
+    let attached: Vec<String> = match lab.attachments() {
+        Ok(all) => all
+            .iter()
+            .filter(|a| !a.is_empty())
+            .map(|a| a.to_string())
+            .collect(),
+        Err(e) => vec![format!("cannot check: {e:#}")],
+    };
     drop(lab);
     if attached.is_empty() {
         eprintln!("demo: lab removed; nothing left attached");
         Ok(())
     } else {
         bail!(
-            "programs still attached after shutdown: {}",
+            "the lab's interfaces are not clean after shutdown: {}",
             attached.join("; ")
         )
     }
@@ -399,8 +426,8 @@ fn remove_lab(lab: Lab) -> Result<()> {
 
 /// `lumen observe --follow` against `server`, printing to the terminal.
 fn observe_follow(bin: &std::path::Path, server: &str, output: &str) -> Result<Proc> {
-    let child = Command::new(bin.join("lumen"))
-        .args([
+    Proc::start(
+        Command::new(bin.join("lumen")).args([
             "observe",
             "--server",
             server,
@@ -408,9 +435,7 @@ fn observe_follow(bin: &std::path::Path, server: &str, output: &str) -> Result<P
             "-o",
             output,
             "--print-node-name",
-        ])
-        .stdin(Stdio::null())
-        .spawn()
-        .context("starting lumen observe")?;
-    Ok(Proc(child, "lumen observe"))
+        ]),
+        "lumen observe",
+    )
 }
