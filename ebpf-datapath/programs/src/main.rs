@@ -238,46 +238,58 @@ impl Now {
     }
 }
 
-/// The packet's conntrack key: IPv4 in `CONNTRACK4` (20 bytes), IPv6 in `CONNTRACK`.
-enum CtKey {
-    V4(ConntrackKey4),
-    V6(ConntrackKey6),
+/// A packet's connection in conntrack: IPv4 in `CONNTRACK4` (20-byte key), IPv6 in
+/// `CONNTRACK`. The key is built inside each family's branch, right where it is used, so
+/// the IPv4 path never builds (or copies) the 44-byte IPv6 key.
+struct Ct<'a> {
+    pkt: &'a Packet,
+    ifindex: u32,
+    pkt_low: bool,
 }
 
-impl CtKey {
+impl Ct<'_> {
     #[inline(always)]
-    fn of(pkt: &Packet, ifindex: u32, pkt_low: bool) -> Self {
-        let (lo_addr, hi_addr, lo_port, hi_port) = if pkt_low {
-            (&pkt.saddr, &pkt.daddr, pkt.sport, pkt.dport)
+    fn key4(&self) -> ConntrackKey4 {
+        let p = self.pkt;
+        let (lo_addr, hi_addr, lo_port, hi_port) = if self.pkt_low {
+            (p.saddr[3], p.daddr[3], p.sport, p.dport)
         } else {
-            (&pkt.daddr, &pkt.saddr, pkt.dport, pkt.sport)
+            (p.daddr[3], p.saddr[3], p.dport, p.sport)
         };
-        if pkt.family == family::IPV4 {
-            CtKey::V4(ConntrackKey4 {
-                lo_addr: lo_addr[3],
-                hi_addr: hi_addr[3],
-                lo_port,
-                hi_port,
-                ifindex,
-                proto: u32::from(pkt.proto),
-            })
+        ConntrackKey4 {
+            lo_addr,
+            hi_addr,
+            lo_port,
+            hi_port,
+            ifindex: self.ifindex,
+            proto: u32::from(p.proto),
+        }
+    }
+
+    #[inline(always)]
+    fn key6(&self) -> ConntrackKey6 {
+        let p = self.pkt;
+        let (lo_addr, hi_addr, lo_port, hi_port) = if self.pkt_low {
+            (p.saddr, p.daddr, p.sport, p.dport)
         } else {
-            CtKey::V6(ConntrackKey6 {
-                lo_addr: *lo_addr,
-                hi_addr: *hi_addr,
-                lo_port,
-                hi_port,
-                ifindex,
-                proto: u32::from(pkt.proto),
-            })
+            (p.daddr, p.saddr, p.dport, p.sport)
+        };
+        ConntrackKey6 {
+            lo_addr,
+            hi_addr,
+            lo_port,
+            hi_port,
+            ifindex: self.ifindex,
+            proto: u32::from(p.proto),
         }
     }
 
     #[inline(always)]
     fn lookup(&self) -> Option<*mut ConntrackEntry> {
-        match self {
-            CtKey::V4(k) => CONNTRACK4.get_ptr_mut(k),
-            CtKey::V6(k) => CONNTRACK.get_ptr_mut(k),
+        if self.pkt.family == family::IPV4 {
+            CONNTRACK4.get_ptr_mut(&self.key4())
+        } else {
+            CONNTRACK.get_ptr_mut(&self.key6())
         }
     }
 
@@ -285,9 +297,10 @@ impl CtKey {
     #[inline(always)]
     fn insert_new(&self, entry: &ConntrackEntry) -> bool {
         const BPF_NOEXIST: u64 = 1;
-        match self {
-            CtKey::V4(k) => CONNTRACK4.insert(k, entry, BPF_NOEXIST).is_ok(),
-            CtKey::V6(k) => CONNTRACK.insert(k, entry, BPF_NOEXIST).is_ok(),
+        if self.pkt.family == family::IPV4 {
+            CONNTRACK4.insert(&self.key4(), entry, BPF_NOEXIST).is_ok()
+        } else {
+            CONNTRACK.insert(&self.key6(), entry, BPF_NOEXIST).is_ok()
         }
     }
 }
@@ -330,7 +343,11 @@ fn try_observe(ctx: &TcContext, hook: u8, cpu: &mut CpuState) -> Result<i32, Cou
     // Both directions of a connection share one key (its ends in canonical order), so
     // every packet, reply or not, takes exactly one lookup.
     let pkt_low = conntrack_low_first(&pkt.saddr, pkt.sport, &pkt.daddr, pkt.dport);
-    let ct_key = CtKey::of(&pkt, ifindex, pkt_low);
+    let ct_key = Ct {
+        pkt: &pkt,
+        ifindex,
+        pkt_low,
+    };
 
     let mut reason: Option<FlowReason> = None;
     let mut no_ct = false;
