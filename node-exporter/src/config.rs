@@ -65,7 +65,8 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub max_event_delay: Duration,
     /// A following FlowBatches stream (the relay's) whose watermark moved with nothing else
-    /// to send sends a batch with only the watermark after this long.
+    /// to send sends a batch with only the watermark after this long. The ring is drained
+    /// at least this often too, so that each heartbeat has a newer watermark to send.
     #[serde(with = "humantime_serde")]
     pub watermark_heartbeat: Duration,
     /// Decoded events waiting for enrichment (in batches); full queue drops newest, counted.
@@ -114,8 +115,9 @@ impl Default for Config {
             // A TC program runs to completion in microseconds with preemption disabled;
             // the margin covers interrupts and a virtual CPU descheduled for a while.
             max_event_delay: Duration::from_millis(5),
-            // Twice per drain interval: a quiet node's watermark reaches the relay as soon
-            // as a drain moves it, without an empty message per flow batch.
+            // What a quiet node costs the relay's merge, about: a relay's clients see the
+            // others' flows this much (plus the watermark's margin) later than they could.
+            // An empty drain and a small message 100 times a second cost next to nothing.
             watermark_heartbeat: Duration::from_millis(10),
             event_queue_batches: 1024,
             follow_queue: 65_536,

@@ -142,7 +142,8 @@ pub async fn run(
     let (ev_tx, ev_rx) = mpsc::channel(config.event_queue_batches);
     let reader = tokio::spawn(pipeline::run_reader(
         events,
-        config.drain_interval,
+        // Every heartbeat then has a newer watermark to send.
+        config.drain_interval.min(config.watermark_heartbeat),
         config.max_event_delay,
         ev_tx,
         metrics.clone(),

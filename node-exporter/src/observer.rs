@@ -74,7 +74,9 @@ pub async fn serve(
     svc: ObserverService,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Small messages (a watermark-only batch, one flow to a Hubble client) go out at once:
+    // Nagle would hold them until the client's delayed ACK, tens of ms.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let inspector = crate::inspect::Inspector::server(svc.state.clone());
     let heartbeat = svc.state.config.watermark_heartbeat;
     let svc = Arc::new(svc);

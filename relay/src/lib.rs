@@ -183,7 +183,10 @@ pub async fn start_with_resolver(
     let router = builder
         .add_service(RelayObserverServer::new(relay.clone()))
         .add_service(observer::batches_server(relay.clone()));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Small messages (a watermark, one flow) go out at once: Nagle would hold them until
+    // the client's delayed ACK, tens of ms. (`tcp_nodelay` above does not apply to a
+    // listener of our own.)
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     {
         let mut stop = stop_rx.clone();
         tasks.push(tokio::spawn(async move {

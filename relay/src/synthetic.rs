@@ -627,7 +627,9 @@ impl NodeServer {
             let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
                 return;
             };
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            // As node exporters: small messages (a watermark) go out at once.
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             let _ = router.serve_with_incoming(incoming).await;
         });
         Ok(Self {
