@@ -112,9 +112,11 @@ impl Default for Config {
             drain_interval: Duration::from_millis(20),
             // A quarter of the default ring: wake the reader well before it fills.
             wakeup_watermark_bytes: 2 << 20,
-            // A TC program runs to completion in microseconds with preemption disabled;
-            // the margin covers interrupts and a virtual CPU descheduled for a while.
-            max_event_delay: Duration::from_millis(5),
+            // A TC program runs to completion in microseconds with preemption disabled
+            // (stamp to commit is the program's own run, plus interrupts): three orders of
+            // magnitude of room. A kernel where it can be preempted (PREEMPT_RT) or a
+            // heavily overcommitted VM wants more; lumen_flow_watermark_misses_total says.
+            max_event_delay: Duration::from_millis(2),
             // What a quiet node costs the relay's merge, about: a relay's clients see the
             // others' flows this much (plus the watermark's margin) later than they could.
             // An empty drain and a small message 100 times a second cost next to nothing.

@@ -105,7 +105,7 @@ fn no_flow_comes_older_than_a_watermark_the_node_already_sent() {
         lag_p50 as f64 / 1e6,
         lags[lags.len() - 1] as f64 / 1e6
     );
-    // Behind the clock by the promise's margin (2 × 5 ms) plus up to a drain interval and
+    // Behind the clock by the promise's margin (2 × 2 ms) plus up to a drain interval and
     // the way here, never ahead of it.
     assert!(lags[0] > 0, "a watermark ahead of the clock: {lags:?}");
     assert!(lag_p50 < 200_000_000, "p50 lag {lag_p50} ns");

@@ -11,8 +11,12 @@
 //!    it was available to the relay), so what the node, the pusher and a busy machine add
 //!    to both paths cancels out. Also printed: flow time → client through the relay and
 //!    directly. With every node busy and with quiet nodes (connected, sending nothing),
-//!    with the relay inferring idle nodes' watermarks (`sort_idle_watermarks`, the
-//!    default) and without (a quiet node costs the sort window), side by side.
+//!    side by side: watermarks `off` (nodes report none, `sort_idle_watermarks` off: a
+//!    quiet node costs the sort window), `inferred` (nodes report none, the relay infers
+//!    idle nodes' watermarks, the default for stock Hubble nodes) and `exact` (nodes report
+//!    their watermark on every batch and alone every heartbeat, as node exporters do; it
+//!    advances as a node exporter's does with its defaults: every 10 ms drain, to 4 ms
+//!    before the drain, see [`NODE_DRAIN`] and [`NODE_WATERMARK_LAG`]).
 //!
 //! `cargo bench -p lumen-relay --bench merge` (env `RELAY_BENCH_FLOWS`, `RELAY_BENCH_RATE`,
 //! `RELAY_BENCH_SECS` change the sizes; `RELAY_BENCH_ONLY=latency` or `=throughput` runs
@@ -41,6 +45,25 @@ use lumen_relay::{
 };
 use prost::Message;
 use tonic::transport::Channel;
+
+/// How often an exact node's watermark moves (the node exporter drains its ring at least
+/// every `watermark_heartbeat`, 10 ms)...
+const NODE_DRAIN: Duration = Duration::from_millis(10);
+/// ...and how far behind the drain it stays (2 × its `max_event_delay`).
+const NODE_WATERMARK_LAG: Duration = Duration::from_millis(4);
+/// An exact node's heartbeat (the node exporter's `watermark_heartbeat`).
+const NODE_HEARTBEAT: Duration = Duration::from_millis(10);
+
+/// Where a quiet node's watermark comes from in a latency run.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Watermarks {
+    /// Nowhere: the quiet node costs the sort window.
+    Off,
+    /// The relay's inference (`sort_idle_watermarks`).
+    Inferred,
+    /// The nodes' own reports.
+    Exact,
+}
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -153,7 +176,7 @@ impl Cluster {
         relay_batches: bool,
         live: bool,
         window: Duration,
-        idle_watermarks: bool,
+        watermarks: Watermarks,
     ) -> (Cluster, Vec<Arc<SyntheticNode>>) {
         let mut servers = Vec::new();
         let mut specs = Vec::new();
@@ -179,6 +202,7 @@ impl Cluster {
                         _ => live,
                     },
                     threads: 1,
+                    watermarks: (watermarks == Watermarks::Exact).then_some(NODE_HEARTBEAT),
                     ..Default::default()
                 },
             )
@@ -201,7 +225,7 @@ impl Cluster {
             max_number: u64::MAX,
             client_queue_flows: 1 << 16,
             sort_window: window,
-            sort_idle_watermarks: idle_watermarks,
+            sort_idle_watermarks: watermarks != Watermarks::Off,
             ..Config::default()
         };
         let relay = relay_rt.block_on(async {
@@ -270,7 +294,7 @@ fn end_to_end(client_rt: &tokio::runtime::Runtime, n: usize, per_node: usize, mo
         relay_b,
         false,
         Duration::from_millis(200),
-        true,
+        Watermarks::Inferred,
     );
     let addr = cluster.address();
     let cpu0 = thread_cpu_seconds("relay-bench");
@@ -342,7 +366,7 @@ struct LatencyRun {
     rate: usize,
     seconds: f64,
     window: Duration,
-    idle_watermarks: bool,
+    watermarks: Watermarks,
 }
 
 /// Flows pushed at `rate`/s in total across the busy nodes, each stamped with the wall
@@ -355,13 +379,14 @@ fn latency(client_rt: &tokio::runtime::Runtime, run: LatencyRun) {
         rate,
         seconds,
         window,
-        idle_watermarks,
+        watermarks,
     } = run;
-    let (cluster, nodes) = Cluster::start(n, 0, true, true, true, window, idle_watermarks);
+    let (cluster, nodes) = Cluster::start(n, 0, true, true, true, window, watermarks);
     let relay_addr = cluster.address();
     let node_addrs: Vec<SocketAddr> = cluster.nodes.iter().map(|s| s.address).collect();
     let names: Vec<Arc<str>> = nodes.iter().map(|n| Arc::from(n.name())).collect();
     let busy: Vec<Arc<SyntheticNode>> = nodes[..n - quiet].to_vec();
+    let all_nodes = nodes.clone();
     // The first second warms up (the relay learns the nodes' transit times); flows of it
     // are delivered but not counted in the figures.
     let warmup = seconds.min(1.0);
@@ -438,7 +463,21 @@ fn latency(client_rt: &tokio::runtime::Runtime, run: LatencyRun) {
                 let mut sent = 0usize;
                 let mut i = 0u64;
                 let mut rr = 0usize;
+                // Exact nodes: each drain, every node (busy or quiet) promises what a node
+                // exporter would. Sound here: flows are stamped after it, with the clock.
+                let mut drained = Instant::now();
+                let mut drain = |force: bool| {
+                    if watermarks == Watermarks::Exact && (force || drained.elapsed() >= NODE_DRAIN)
+                    {
+                        drained = Instant::now();
+                        let w = now_ns() - NODE_WATERMARK_LAG.as_nanos() as i64;
+                        for node in &all_nodes {
+                            node.advance(w);
+                        }
+                    }
+                };
                 while sent < total {
+                    drain(false);
                     let due = ((start.elapsed().as_secs_f64() * rate as f64) as usize).min(total);
                     while sent < due {
                         let k = rr % busy.len();
@@ -454,6 +493,13 @@ fn latency(client_rt: &tokio::runtime::Runtime, run: LatencyRun) {
                     }
                     std::thread::sleep(tick);
                 }
+                // Running nodes keep draining after the last flow.
+                let end = Instant::now() + Duration::from_millis(500);
+                while Instant::now() < end {
+                    drain(false);
+                    std::thread::sleep(tick);
+                }
+                drain(true);
                 sent
             });
         let mut via_relay = Vec::with_capacity(total);
@@ -496,11 +542,11 @@ fn latency(client_rt: &tokio::runtime::Runtime, run: LatencyRun) {
     }
     let relay = cluster.relay.as_ref().unwrap();
     println!(
-        "latency      {n:>2} nodes ({quiet} quiet) at {:>4} k flows/s, window {window:?}, idle watermarks {:<3}: \
+        "latency      {n:>2} nodes ({quiet} quiet) at {:>4} k flows/s, window {window:?}, watermarks {:<8}: \
          added p50 {:>6.2} ms, p99 {:>6.2} ms, max {:>6.2} ms | flow→client via relay p50 {:.2} p99 {:.2} ms, \
          direct p50 {:.2} p99 {:.2} ms | {} flows measured of {pushed} pushed (warm-up {warmup} s), {} late, {} window-released | CPU s relay {:.2} client {:.2} nodes {:.2}",
         rate / 1000,
-        if idle_watermarks { "on" } else { "off" },
+        format!("{watermarks:?}").to_lowercase(),
         percentile(&added, 0.50),
         percentile(&added, 0.99),
         percentile(&added, 1.0),
@@ -547,7 +593,7 @@ fn main() {
     if only.is_empty() || only == "latency" {
         let window = Duration::from_millis(200);
         for (nodes, quiet) in [(3, 0), (3, 1), (10, 0), (10, 3)] {
-            for idle_watermarks in [false, true] {
+            for watermarks in [Watermarks::Off, Watermarks::Inferred, Watermarks::Exact] {
                 latency(
                     &client_rt,
                     LatencyRun {
@@ -556,7 +602,7 @@ fn main() {
                         rate,
                         seconds: secs,
                         window,
-                        idle_watermarks,
+                        watermarks,
                     },
                 );
             }
