@@ -615,6 +615,25 @@ fn watermarked(heartbeat: Duration) -> ServeOptions {
     }
 }
 
+/// Nodes reporting watermarks and a relay over them with a 3 s sort window and no
+/// inference: neither may be what lets flows go in these tests.
+async fn watermarked_cluster(
+    names: &[&str],
+    heartbeat: Duration,
+) -> (Vec<TestNode>, lumen_relay::RelayHandle) {
+    let nodes: Vec<TestNode> = names
+        .iter()
+        .map(|name| TestNode::start(name, watermarked(heartbeat)))
+        .collect();
+    let specs: Vec<String> = nodes.iter().map(TestNode::spec).collect();
+    let mut config = relay_config(&specs);
+    config.sort_window = Duration::from_secs(3);
+    config.sort_idle_watermarks = false;
+    let relay = start_relay(config).await;
+    wait_connected(&relay, nodes.len()).await;
+    (nodes, relay)
+}
+
 /// Follows the relay; returns every flow with when it arrived (wall ns) once `n` came.
 async fn follow_flows(
     relay: &lumen_relay::RelayHandle,
@@ -663,17 +682,7 @@ fn ms(ns: i64) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_node_with_exact_watermarks_holds_the_others_back_only_about_a_heartbeat() {
     let heartbeat = Duration::from_millis(10);
-    let nodes: Vec<TestNode> = ["busy-a", "busy-b", "quiet"]
-        .iter()
-        .map(|name| TestNode::start(name, watermarked(heartbeat)))
-        .collect();
-    let specs: Vec<String> = nodes.iter().map(TestNode::spec).collect();
-    let mut config = relay_config(&specs);
-    // Neither the window nor an inference may be what lets flows go here.
-    config.sort_window = Duration::from_secs(3);
-    config.sort_idle_watermarks = false;
-    let relay = start_relay(config).await;
-    wait_connected(&relay, 3).await;
+    let (nodes, relay) = watermarked_cluster(&["busy-a", "busy-b", "quiet"], heartbeat).await;
     let rounds = 150usize;
     let total = 2 * rounds;
     let reader = {
@@ -734,17 +743,7 @@ async fn a_quiet_node_with_exact_watermarks_holds_the_others_back_only_about_a_h
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watermark_ahead_of_the_relay_s_clock_lets_nothing_go_past_that_clock() {
-    let heartbeat = Duration::from_millis(10);
-    let nodes: Vec<TestNode> = ["ahead", "busy"]
-        .iter()
-        .map(|name| TestNode::start(name, watermarked(heartbeat)))
-        .collect();
-    let specs: Vec<String> = nodes.iter().map(TestNode::spec).collect();
-    let mut config = relay_config(&specs);
-    config.sort_window = Duration::from_secs(3);
-    config.sort_idle_watermarks = false;
-    let relay = start_relay(config).await;
-    wait_connected(&relay, 2).await;
+    let (nodes, relay) = watermarked_cluster(&["ahead", "busy"], Duration::from_millis(10)).await;
     let reader = {
         let relay_ref = &relay;
         async move { follow_flows(relay_ref, 2, Duration::from_secs(20)).await }
