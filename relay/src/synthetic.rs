@@ -6,10 +6,12 @@
 //!
 //! Flows are encoded once when pushed and shared (`Arc`) by every stream, so a node
 //! costs little next to the relay it feeds on the same machine (benchmarks). FlowBatches
-//! is served either as node exporters serve it ([`crate::batches::server`] over the
-//! Observer) or, with [`ServeOptions::encoded_batches`], straight from the encoded flows;
-//! with [`ServeOptions::watermarks`], its batches carry the watermarks its owner gives it
-//! ([`SyntheticNode::advance`]), as a node exporter's carry its own.
+//! is served either as node exporters serve it, over the Observer
+//! ([`crate::batches::server`], or [`crate::batches::watermarked_server`] with
+//! [`ServeOptions::watermarks`]), or, with [`ServeOptions::encoded_batches`], straight
+//! from the encoded flows. With [`ServeOptions::watermarks`], its batches carry the
+//! watermarks its owner gives it ([`SyntheticNode::advance`]), as a node exporter's carry
+//! its own.
 
 use std::{
     net::SocketAddr,
