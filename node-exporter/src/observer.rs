@@ -38,6 +38,9 @@ use crate::{
 const STREAM_QUEUE: usize = 1024;
 /// Flows copied out of the ring per lock acquisition.
 const CHUNK: usize = 4096;
+/// Longest a one-shot request with `until` waits for the node's watermark to pass it
+/// (it normally trails the clock by a heartbeat, 10 ms).
+const UNTIL_WAIT: Duration = Duration::from_secs(1);
 
 /// Why a request was refused; converted to a `Status` in exactly one place.
 #[derive(Debug, thiserror::Error)]
@@ -220,8 +223,28 @@ impl Responder {
         self.tx.send(Ok(SourceItem::Response(resp))).await.is_ok()
     }
 
+    /// Waits (at most [`UNTIL_WAIT`]) for the node's watermark to pass `target`: then
+    /// every flow stamped up to `target` is in the ring, including those still in the
+    /// datapath's ring buffer when the request came. Without watermarks (nothing
+    /// publishes them, e.g. no datapath) it returns at once.
+    async fn await_watermark(&self, target: i64) {
+        let ring = &self.state.ring;
+        let deadline = tokio::time::Instant::now() + UNTIL_WAIT;
+        while let Some(w) = ring.watermark() {
+            if w >= target || tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     async fn run(self, q: Query) {
         let ring = self.state.ring.clone();
+        // A one-shot answer up to `until` holds everything stamped up to then (or up to
+        // now, for an `until` in the future): the relay compares and joins answers by time.
+        if let (false, Some(until)) = (q.follow, q.until) {
+            self.await_watermark(until.min(clock::realtime_ns())).await;
+        }
         // Subscribe before reading history so nothing falls between the two.
         let mut live = q.follow.then(|| ring.subscribe());
         let mut last_seq: Option<u64> = None;

@@ -15,7 +15,9 @@ use std::{
 
 use common::*;
 use lumen_lab::Lab;
-use lumen_proto::observer::GetFlowsRequest;
+use lumen_proto::observer::{
+    get_flows_response::ResponseTypes, observer_client::ObserverClient, GetFlowsRequest,
+};
 use lumen_relay::proto::batches::{flow_batches_client::FlowBatchesClient, FlowBatch};
 
 fn wall_ns() -> i64 {
@@ -160,5 +162,60 @@ fn no_flow_comes_older_than_a_watermark_the_node_already_sent() {
         0.0,
         "the node counted no flow older than its watermark"
     );
+
+    // A one-shot answer up to `until` holds every flow stamped up to then, even those
+    // still in the datapath's ring buffer when the request came: asked at once and asked
+    // again a second later, the answers are the same.
+    let (a3, b3) = (a.clone(), b.clone());
+    let flood = std::thread::spawn(move || {
+        let script = format!(
+            "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nfor p in range(30000,45000):\n    s.sendto(b'x',('{}',p))\n    if p % 100 == 0: time.sleep(0.01)\n",
+            b3.ipv4
+        );
+        a3.exec_ok(&["python3", "-c", &script]).expect("flood");
+    });
+    // About 10 k new flows a second for 1.5 s; ask half-way.
+    std::thread::sleep(Duration::from_millis(700));
+    let until = wall_ns();
+    let at_once = flows_until(&exporter.server, until);
+    flood.join().expect("flood");
+    std::thread::sleep(Duration::from_secs(1));
+    let later = flows_until(&exporter.server, until);
+    eprintln!(
+        "until-query during a flood: {} flows at once, {} a second later",
+        at_once.len(),
+        later.len()
+    );
+    assert!(!at_once.is_empty(), "the flood was under way");
+    assert_eq!(at_once, later, "the same answer for the same until");
     let _ = &mut lab;
+}
+
+/// Flow times (ns) of a one-shot GetFlows answer for everything up to `until`.
+fn flows_until(server: &str, until: i64) -> Vec<i64> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = format!("http://{server}");
+    rt.block_on(async move {
+        let mut c = ObserverClient::connect(url).await.expect("connect");
+        let req = GetFlowsRequest {
+            number: u64::MAX,
+            until: Some(prost_types::Timestamp {
+                seconds: until.div_euclid(1_000_000_000),
+                nanos: until.rem_euclid(1_000_000_000) as i32,
+            }),
+            ..Default::default()
+        };
+        let mut s = c.get_flows(req).await.expect("get flows").into_inner();
+        let mut times = Vec::new();
+        while let Some(r) = s.message().await.expect("stream ok") {
+            if let Some(ResponseTypes::Flow(f)) = r.response_types {
+                let t = f.time.expect("flow time");
+                times.push(t.seconds * 1_000_000_000 + i64::from(t.nanos));
+            }
+        }
+        times
+    })
 }
