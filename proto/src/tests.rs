@@ -1,4 +1,4 @@
-//! JSON, field-mask and format tests over the generated types.
+//! JSON, field-mask, format and wire-decoding tests over the generated types.
 
 use crate::field_mask::FlowFieldMask;
 use crate::flow::*;
@@ -338,4 +338,148 @@ fn every_format_prints_lost_events_and_node_status() {
             assert!(out.contains("HANDSHAKE RTT: 1.5ms"), "{out}");
         }
     }
+}
+
+/// A FlowFilter with every field Hubble added after 30, as a stock Go client
+/// encodes it (proto3 packs repeated scalars). Written by hand from Hubble's
+/// numbering, tag = field << 3 | wire type as a varint; cross-checked against
+/// Google's protobuf runtime encoding a descriptor built from Hubble's
+/// flow.proto. A field prost did not know would decode as nothing.
+const HUBBLE_FILTER_31_TO_999: &[u8] = &[
+    0xfa, 0x01, 0x04, b'/', b'a', b'p', b'i', // 31 http_url "/api"
+    0x82, 0x02, 0x06, 0x0a, 0x01, b'a', 0x12, 0x01, b'b', // 32 http_header {a: b}
+    0x8a, 0x02, 0x04, 0x85, 0x01, 0xb5, 0x01, // 33 drop_reason_desc [133, 181]
+    0x92, 0x02, 0x08, b'1', b'0', b'.', b'0', b'.', b'0', b'.', b'1', // 34 source_ip_xlated
+    0x9a, 0x02, 0x08, 0x08, 0x07, 0x12, 0x04, b'e', b't', b'h',
+    b'0', // 35 interface {7, eth0}
+    0xa2, 0x02, 0x0a, b'k', b'8', b's', b':', b'z', b'o', b'n', b'e', b'=',
+    b'a', // 36 node_labels
+    0xaa, 0x02, 0x02, b'c', b'1', // 37 source_cluster_name
+    0xb2, 0x02, 0x02, b'c', b'2', // 38 destination_cluster_name
+    0xba, 0x02, 0x02, 0xac, 0x02, // 39 ip_trace_id [300]
+    0xc2, 0x02, 0x02, 0x01, 0x00, // 40 encrypted [true, false]
+    0xba, 0x3e, 0x06, 0x0a, 0x04, b't', b'r', b'u', b'e', // 999 experimental {cel_expression}
+];
+
+#[test]
+fn flow_filter_fields_31_to_999_decode_from_hubble_wire_bytes() {
+    use prost::Message;
+    let f = FlowFilter::decode(HUBBLE_FILTER_31_TO_999).expect("decodes");
+    assert_eq!(f.http_url, ["/api"]);
+    assert_eq!(
+        f.http_header,
+        [HttpHeader {
+            key: "a".into(),
+            value: "b".into()
+        }]
+    );
+    assert_eq!(
+        f.drop_reason_desc,
+        [
+            DropReason::PolicyDenied as i32,
+            DropReason::PolicyDeny as i32
+        ]
+    );
+    assert_eq!(f.source_ip_xlated, ["10.0.0.1"]);
+    assert_eq!(
+        f.interface,
+        [NetworkInterface {
+            index: 7,
+            name: "eth0".into()
+        }]
+    );
+    assert_eq!(f.node_labels, ["k8s:zone=a"]);
+    assert_eq!(f.source_cluster_name, ["c1"]);
+    assert_eq!(f.destination_cluster_name, ["c2"]);
+    assert_eq!(f.ip_trace_id, [300]);
+    assert_eq!(f.encrypted, [true, false]);
+    assert_eq!(
+        f.experimental.map(|e| e.cel_expression),
+        Some(vec!["true".to_owned()])
+    );
+    // Nothing else was set: the bytes landed on these fields and no others.
+    let only_new = FlowFilter {
+        http_url: vec![],
+        http_header: vec![],
+        drop_reason_desc: vec![],
+        source_ip_xlated: vec![],
+        interface: vec![],
+        node_labels: vec![],
+        source_cluster_name: vec![],
+        destination_cluster_name: vec![],
+        ip_trace_id: vec![],
+        encrypted: vec![],
+        experimental: None,
+        ..FlowFilter::decode(HUBBLE_FILTER_31_TO_999).expect("decodes")
+    };
+    assert_eq!(only_new, FlowFilter::default());
+}
+
+#[test]
+fn unpacked_repeated_scalars_decode_too() {
+    use prost::Message;
+    // Older encoders may send one tag per value: 33 as varint (wire type 0).
+    let f = FlowFilter::decode(&[0x88, 0x02, 0x85, 0x01, 0xc0, 0x02, 0x00][..]).expect("decodes");
+    assert_eq!(f.drop_reason_desc, [DropReason::PolicyDenied as i32]);
+    assert_eq!(f.encrypted, [false]);
+}
+
+/// `hubble observe --interface eth0` (whitelist = 6) and the same with `--not`
+/// (blacklist = 5): one FlowFilter { interface: [{name: "eth0"}] }.
+const OBSERVE_INTERFACE_ETH0: &[u8] = &[
+    0x32, 0x09, 0x9a, 0x02, 0x06, 0x12, 0x04, b'e', b't', b'h', b'0',
+];
+const OBSERVE_NOT_INTERFACE_ETH0: &[u8] = &[
+    0x2a, 0x09, 0x9a, 0x02, 0x06, 0x12, 0x04, b'e', b't', b'h', b'0',
+];
+
+#[test]
+fn stock_interface_filter_selects_flows_on_that_interface() {
+    use crate::filter::FlowFilters;
+    use crate::observer::GetFlowsRequest;
+    use prost::Message;
+    let on = |index: u32, name: &str| Flow {
+        interface: Some(NetworkInterface {
+            index,
+            name: name.into(),
+        }),
+        ..close_flow()
+    };
+    let (eth0, lxc) = (on(2, "eth0"), on(9, "lxc1234"));
+
+    let req = GetFlowsRequest::decode(OBSERVE_INTERFACE_ETH0).expect("decodes");
+    let f = FlowFilters::from_request(&req).expect("compiles");
+    assert!(f.matches(&eth0));
+    assert!(
+        !f.matches(&lxc),
+        "an unknown field would have matched every flow"
+    );
+
+    let req = GetFlowsRequest::decode(OBSERVE_NOT_INTERFACE_ETH0).expect("decodes");
+    let f = FlowFilters::from_request(&req).expect("compiles");
+    assert!(!f.matches(&eth0));
+    assert!(
+        f.matches(&lxc),
+        "an unknown field would have matched no flow"
+    );
+}
+
+#[test]
+fn stock_unsupported_filter_bytes_are_rejected() {
+    use crate::filter::{FilterError, FlowFilters};
+    use crate::observer::GetFlowsRequest;
+    use prost::Message;
+    // whitelist { node_labels: ["k8s:zone=a"] }
+    let bytes = [
+        0x32, 0x0d, 0xa2, 0x02, 0x0a, b'k', b'8', b's', b':', b'z', b'o', b'n', b'e', b'=', b'a',
+    ];
+    let req = GetFlowsRequest::decode(&bytes[..]).expect("decodes");
+    let err = FlowFilters::from_request(&req).expect_err("rejected");
+    assert_eq!(
+        err,
+        FilterError::Unsupported {
+            field: "node_labels",
+            reason: "flows carry no node labels",
+        }
+    );
 }

@@ -4,8 +4,9 @@
 //! one repeated field are alternatives (OR). A flow passes a request when it
 //! matches any whitelist filter (or the whitelist is empty) and no blacklist
 //! filter. Invalid values (a bad CIDR, selector, port or node-name pattern)
-//! are a [`FilterError`] naming the field and the value; servers turn it into
-//! `INVALID_ARGUMENT`.
+//! are a [`FilterError`] naming the field and the value, and so are Hubble
+//! fields Lumen's flows cannot answer (L7, cluster names, node labels, CEL);
+//! servers turn it into `INVALID_ARGUMENT`.
 //!
 //! ```
 //! use lumen_proto::{filter::FlowFilters, flow::{FlowFilter, Verdict}};
@@ -28,30 +29,106 @@ pub use glob::{NodeNamePattern, DEFAULT_CLUSTER};
 pub use labels::{parse_label, Label, LabelSelector};
 
 use crate::flow::{
-    layer4::Protocol, Endpoint, EventTypeFilter, Flow, FlowFilter, TcpFlags, Workload,
+    layer4::Protocol, Endpoint, EventTypeFilter, Flow, FlowFilter, NetworkInterface, TcpFlags,
+    Verdict, Workload,
 };
 use crate::observer::{GetFlowsRequest, GetFlowsResponse};
 
-/// A filter value that cannot be compiled.
+/// A filter that cannot be compiled.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {field} filter {value:?}: {reason}")]
-pub struct FilterError {
-    /// The FlowFilter field, e.g. `source_ip`.
-    pub field: &'static str,
-    /// The offending value as given.
-    pub value: String,
-    /// What is wrong with it.
-    pub reason: String,
+pub enum FilterError {
+    /// A value that does not parse.
+    #[error("invalid {field} filter {value:?}: {reason}")]
+    Invalid {
+        /// The FlowFilter field, e.g. `source_ip`.
+        field: &'static str,
+        /// The offending value as given.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A Hubble field set that Lumen's flows cannot answer. Rejected rather
+    /// than ignored: ignoring it would widen the filter to every flow (and a
+    /// blacklist to none).
+    #[error("FlowFilter field {field} is not supported by Lumen: {reason}")]
+    Unsupported {
+        /// The FlowFilter field, e.g. `node_labels`.
+        field: &'static str,
+        /// Why Lumen cannot answer it.
+        reason: &'static str,
+    },
 }
 
 impl FilterError {
     fn new(field: &'static str, value: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self {
+        Self::Invalid {
             field,
             value: value.into(),
             reason: reason.into(),
         }
     }
+
+    /// The FlowFilter field at fault.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Self::Invalid { field, .. } | Self::Unsupported { field, .. } => field,
+        }
+    }
+}
+
+/// Lumen reads no L7 payloads, so no flow carries an HTTP record.
+const NO_L7: &str = "it does not parse L7 (HTTP) traffic, so no flow has an HTTP record to match";
+
+/// The first Hubble field set in `f` that Lumen rejects, with why. Hubble
+/// would match these against flow fields Lumen never fills, so every answer
+/// would be empty (or, under a blacklist, everything) for a reason the user
+/// cannot see.
+fn unsupported(f: &FlowFilter) -> Option<FilterError> {
+    let cel = f
+        .experimental
+        .as_ref()
+        .is_some_and(|e| !e.cel_expression.is_empty());
+    [
+        // Hubble matches http_url and http_header only on flows with an HTTP
+        // L7 record. Rejecting says why nothing would come; matching nothing
+        // would leave `--http-url` looking like a broken query, and under
+        // `--not` would silently pass everything.
+        ("http_url", !f.http_url.is_empty(), NO_L7),
+        ("http_header", !f.http_header.is_empty(), NO_L7),
+        (
+            "source_ip_xlated",
+            !f.source_ip_xlated.is_empty(),
+            "flows carry no post-SNAT source address",
+        ),
+        (
+            "node_labels",
+            !f.node_labels.is_empty(),
+            "flows carry no node labels",
+        ),
+        (
+            "source_cluster_name",
+            !f.source_cluster_name.is_empty(),
+            "endpoints carry no cluster name",
+        ),
+        (
+            "destination_cluster_name",
+            !f.destination_cluster_name.is_empty(),
+            "endpoints carry no cluster name",
+        ),
+        (
+            "ip_trace_id",
+            !f.ip_trace_id.is_empty(),
+            "the datapath reads no IP-option trace ids",
+        ),
+        (
+            "experimental.cel_expression",
+            cel,
+            "it evaluates no CEL expressions",
+        ),
+    ]
+    .into_iter()
+    .find(|(_, set, _)| *set)
+    .map(|(field, _, reason)| FilterError::Unsupported { field, reason })
 }
 
 /// Which endpoint of a flow a check looks at.
@@ -110,6 +187,9 @@ enum Check {
     NodeName(Vec<NodeNamePattern>),
     IpVersion(Vec<i32>),
     TraceId(Vec<String>),
+    DropReason(Vec<i32>),
+    Interface(Vec<NetworkInterface>),
+    Encrypted(Vec<bool>),
 }
 
 /// One compiled [`FlowFilter`].
@@ -279,6 +359,9 @@ impl CompiledFilter {
     /// Compiles one filter, validating every value.
     pub fn compile(f: &FlowFilter) -> Result<Self, FilterError> {
         use Side::{Destination as Dst, Source as Src};
+        if let Some(e) = unsupported(f) {
+            return Err(e);
+        }
         let mut checks = Vec::new();
         if !f.uuid.is_empty() {
             checks.push(Check::Uuid(f.uuid.clone()));
@@ -382,9 +465,7 @@ impl CompiledFilter {
             checks.push(Check::TrafficDirection(f.traffic_direction.clone()));
         }
         if !f.verdict.is_empty() {
-            check_enums("verdict", &f.verdict, |v| {
-                crate::flow::Verdict::try_from(v).is_ok()
-            })?;
+            check_enums("verdict", &f.verdict, |v| Verdict::try_from(v).is_ok())?;
             checks.push(Check::Verdict(f.verdict.clone()));
         }
         if !f.event_type.is_empty() {
@@ -480,6 +561,21 @@ impl CompiledFilter {
         }
         if !f.trace_id.is_empty() {
             checks.push(Check::TraceId(f.trace_id.clone()));
+        }
+        // Any number is accepted, as Hubble does: Hubble's enum has reasons
+        // Lumen's datapath never reports, and those simply match no flow.
+        if !f.drop_reason_desc.is_empty() {
+            checks.push(Check::DropReason(f.drop_reason_desc.clone()));
+        }
+        if !f.interface.is_empty() {
+            checks.push(Check::Interface(f.interface.clone()));
+        }
+        // Matched against IP.encrypted as Hubble does (no IP reads as false).
+        // Lumen's datapath sees no WireGuard/IPsec state and never sets it,
+        // so [false] matches every flow and [true] none: Hubble's answer for
+        // flows not marked encrypted.
+        if !f.encrypted.is_empty() {
+            checks.push(Check::Encrypted(f.encrypted.clone()));
         }
         Ok(Self { checks })
     }
@@ -600,5 +696,17 @@ fn check(c: &Check, flow: &Flow) -> bool {
             .as_ref()
             .and_then(|t| t.parent.as_ref())
             .is_some_and(|p| ids.contains(&p.trace_id)),
+        Check::DropReason(rs) => {
+            flow.verdict == Verdict::Dropped as i32 && rs.contains(&flow.drop_reason_desc)
+        }
+        // Hubble's rule: a set index (> 0) and a set name must each equal the
+        // flow's; an entry with neither matches any flow that has an interface.
+        Check::Interface(want) => flow.interface.as_ref().is_some_and(|have| {
+            want.iter().any(|w| {
+                (w.index == 0 || w.index == have.index)
+                    && (w.name.is_empty() || w.name == have.name)
+            })
+        }),
+        Check::Encrypted(vs) => vs.contains(&flow.ip.as_ref().is_some_and(|ip| ip.encrypted)),
     }
 }

@@ -1,6 +1,7 @@
 use super::*;
 use crate::flow::{
-    layer4, CiliumEventType, Ip, IpVersion, Layer4, Tcp, TrafficDirection, Udp, Verdict,
+    flow_filter::Experimental, layer4, CiliumEventType, DropReason, HttpHeader, Ip, IpVersion,
+    Layer4, Tcp, TrafficDirection, Udp,
 };
 
 fn ep(ns: &str, pod: &str, identity: u32, labels: &[&str]) -> Endpoint {
@@ -544,9 +545,266 @@ fn invalid_values_name_field_and_value() {
     ];
     for (filter, field, value) in cases {
         let err = FlowFilters::compile(&[], &[filter]).expect_err(value);
-        assert_eq!(err.field, field);
-        assert_eq!(err.value, value);
+        assert!(
+            matches!(&err, FilterError::Invalid { field: f, value: v, .. } if *f == field && v == value),
+            "{err:?}"
+        );
         let msg = err.to_string();
         assert!(msg.contains(field) && msg.contains(value), "{msg}");
     }
+}
+
+#[test]
+fn drop_reason_desc_matches_dropped_flows_with_a_listed_reason() {
+    let f = one(FlowFilter {
+        drop_reason_desc: vec![
+            DropReason::PolicyDeny as i32,
+            DropReason::PolicyDenied as i32,
+        ],
+        ..Default::default()
+    });
+    assert!(f.matches(&world_to_dns()), "dropped with POLICY_DENIED");
+    assert!(!f.matches(&web_to_db()), "forwarded");
+    let f = one(FlowFilter {
+        drop_reason_desc: vec![DropReason::PolicyDeny as i32],
+        ..Default::default()
+    });
+    assert!(!f.matches(&world_to_dns()), "dropped for another reason");
+    // Hubble looks at the reason of dropped flows only.
+    let not_dropped = Flow {
+        verdict: Verdict::Forwarded as i32,
+        ..world_to_dns()
+    };
+    let f = one(FlowFilter {
+        drop_reason_desc: vec![DropReason::PolicyDenied as i32],
+        ..Default::default()
+    });
+    assert!(!f.matches(&not_dropped));
+    // UNENCRYPTED_TRAFFIC (195) is in Hubble's enum, not Lumen's: accepted, matches nothing.
+    let f = one(FlowFilter {
+        drop_reason_desc: vec![195],
+        ..Default::default()
+    });
+    assert!(!f.matches(&world_to_dns()) && !f.matches(&web_to_db()));
+    // Under --not: every flow but the POLICY_DENIED drop.
+    let deny = FlowFilter {
+        drop_reason_desc: vec![DropReason::PolicyDenied as i32],
+        ..Default::default()
+    };
+    let f = FlowFilters::compile(&[], &[deny]).expect("compiles");
+    assert!(f.matches(&web_to_db()) && !f.matches(&world_to_dns()));
+}
+
+fn on_interface(index: u32, name: &str) -> Flow {
+    Flow {
+        interface: Some(NetworkInterface {
+            index,
+            name: name.into(),
+        }),
+        ..web_to_db()
+    }
+}
+
+fn iface(index: u32, name: &str) -> NetworkInterface {
+    NetworkInterface {
+        index,
+        name: name.into(),
+    }
+}
+
+#[test]
+fn interface_matches_by_index_name_or_both() {
+    let lxc = on_interface(7, "lxc1234");
+    let cases: &[(&[NetworkInterface], bool)] = &[
+        (&[iface(0, "lxc1234")], true),
+        (&[iface(0, "eth0")], false),
+        (&[iface(7, "")], true),
+        (&[iface(8, "")], false),
+        (&[iface(7, "lxc1234")], true),
+        (&[iface(7, "eth0")], false),
+        (&[iface(8, "lxc1234")], false),
+        // OR within the field.
+        (&[iface(0, "eth0"), iface(7, "")], true),
+        // Neither set: any flow seen on an interface.
+        (&[iface(0, "")], true),
+    ];
+    for (want, matches) in cases {
+        let f = one(FlowFilter {
+            interface: want.to_vec(),
+            ..Default::default()
+        });
+        assert_eq!(f.matches(&lxc), *matches, "{want:?}");
+    }
+    // A flow without an interface matches no interface filter, as in Hubble.
+    let f = one(FlowFilter {
+        interface: vec![iface(0, "")],
+        ..Default::default()
+    });
+    assert!(!f.matches(&web_to_db()));
+    // AND with the other fields.
+    let f = one(FlowFilter {
+        interface: vec![iface(0, "lxc1234")],
+        verdict: vec![Verdict::Dropped as i32],
+        ..Default::default()
+    });
+    assert!(!f.matches(&lxc));
+    // Under --not: everything but the flows on that interface.
+    let f = FlowFilters::compile(
+        &[],
+        &[FlowFilter {
+            interface: vec![iface(0, "eth0")],
+            ..Default::default()
+        }],
+    )
+    .expect("compiles");
+    assert!(f.matches(&lxc) && !f.matches(&on_interface(2, "eth0")));
+}
+
+#[test]
+fn encrypted_false_matches_every_flow_and_true_none() {
+    let no_ip = Flow {
+        ip: None,
+        ..world_to_dns()
+    };
+    let flows = [web_to_db(), world_to_dns(), no_ip];
+    let unencrypted = one(FlowFilter {
+        encrypted: vec![false],
+        ..Default::default()
+    });
+    let encrypted = one(FlowFilter {
+        encrypted: vec![true],
+        ..Default::default()
+    });
+    let either = one(FlowFilter {
+        encrypted: vec![true, false],
+        ..Default::default()
+    });
+    for flow in &flows {
+        assert!(unencrypted.matches(flow) && either.matches(flow));
+        assert!(!encrypted.matches(flow));
+    }
+    // A flow marked encrypted (none is today) is matched on the field itself.
+    let marked = Flow {
+        ip: Some(Ip {
+            encrypted: true,
+            ..web_to_db().ip.unwrap_or_default()
+        }),
+        ..web_to_db()
+    };
+    assert!(encrypted.matches(&marked) && !unencrypted.matches(&marked));
+}
+
+#[test]
+fn unsupported_fields_are_rejected_naming_the_field() {
+    let cases: Vec<(FlowFilter, &str)> = vec![
+        (
+            FlowFilter {
+                http_url: strs(&["/api/.*"]),
+                ..Default::default()
+            },
+            "http_url",
+        ),
+        (
+            FlowFilter {
+                http_header: vec![HttpHeader {
+                    key: "x-request-id".into(),
+                    value: String::new(),
+                }],
+                ..Default::default()
+            },
+            "http_header",
+        ),
+        (
+            FlowFilter {
+                source_ip_xlated: strs(&["10.0.0.1"]),
+                ..Default::default()
+            },
+            "source_ip_xlated",
+        ),
+        (
+            FlowFilter {
+                node_labels: strs(&["topology.kubernetes.io/zone=a"]),
+                ..Default::default()
+            },
+            "node_labels",
+        ),
+        (
+            FlowFilter {
+                source_cluster_name: strs(&["east"]),
+                ..Default::default()
+            },
+            "source_cluster_name",
+        ),
+        (
+            FlowFilter {
+                destination_cluster_name: strs(&["west"]),
+                ..Default::default()
+            },
+            "destination_cluster_name",
+        ),
+        (
+            FlowFilter {
+                ip_trace_id: vec![42],
+                ..Default::default()
+            },
+            "ip_trace_id",
+        ),
+        (
+            FlowFilter {
+                experimental: Some(Experimental {
+                    cel_expression: strs(&["_flow.verdict == Verdict.DROPPED"]),
+                }),
+                ..Default::default()
+            },
+            "experimental.cel_expression",
+        ),
+    ];
+    for (filter, field) in cases {
+        for (wl, bl) in [
+            (vec![filter.clone()], vec![]),
+            (vec![], vec![filter.clone()]),
+        ] {
+            let err = FlowFilters::compile(&wl, &bl).expect_err(field);
+            assert!(
+                matches!(err, FilterError::Unsupported { field: f, .. } if f == field),
+                "{err:?}"
+            );
+            let msg = err.to_string();
+            assert!(
+                msg.starts_with(&format!(
+                    "FlowFilter field {field} is not supported by Lumen: "
+                )),
+                "{msg}"
+            );
+        }
+    }
+}
+
+#[test]
+fn http_url_and_header_rejections_say_lumen_parses_no_l7() {
+    for filter in [
+        FlowFilter {
+            http_url: strs(&["/"]),
+            ..Default::default()
+        },
+        FlowFilter {
+            http_header: vec![HttpHeader::default()],
+            ..Default::default()
+        },
+    ] {
+        let msg = FlowFilters::compile(&[filter], &[])
+            .expect_err("rejected")
+            .to_string();
+        assert!(msg.contains("does not parse L7 (HTTP) traffic"), "{msg}");
+    }
+}
+
+#[test]
+fn empty_experimental_is_no_filter() {
+    // A client may send `experimental {}` with no CEL: nothing to reject.
+    let f = one(FlowFilter {
+        experimental: Some(Experimental::default()),
+        ..Default::default()
+    });
+    assert!(f.matches(&web_to_db()) && f.matches(&world_to_dns()));
 }
