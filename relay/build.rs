@@ -18,6 +18,13 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-changed={}", observer.display());
     let mut fds =
         protox::compile(PROTOS, [&own, &observer]).context("compiling the relay's .proto files")?;
+    // The whole set (imports included) serves gRPC reflection.
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR is not set")?);
+    std::fs::write(
+        out_dir.join("relay_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )
+    .context("writing the descriptor set")?;
     // Only generate our own files; the Observer API is lumen-proto's.
     fds.file
         .retain(|f| matches!(f.package.as_deref(), Some("lumen.relay.v1") | Some("peer")));

@@ -79,6 +79,10 @@ pub struct Config {
     /// Grace period for draining on shutdown.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// TLS for the Observer API (and everything served on its port): certificate and key,
+    /// and with `client_ca_file` mutual TLS (clients, relays among them, must present a
+    /// certificate that CA signed). None: plaintext.
+    pub server_tls: Option<lumen_relay::config::ServerTlsConfig>,
 }
 
 impl Default for Config {
@@ -125,6 +129,7 @@ impl Default for Config {
             follow_queue: 65_536,
             endpoints_poll_interval: Duration::from_millis(250),
             shutdown_grace: Duration::from_secs(5),
+            server_tls: None,
         }
     }
 }

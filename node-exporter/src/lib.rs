@@ -163,6 +163,8 @@ pub async fn run(
         kick_tx.clone(),
         Duration::from_millis(500),
     ));
+    // The cluster's nodes for the peer service: the `nodes:` of the endpoints file in force.
+    let (peers_tx, peers_rx) = watch::channel(Vec::new());
     if let Some(path) = config.endpoints_file.clone() {
         let watcher = EndpointsWatcher {
             path,
@@ -173,8 +175,14 @@ pub async fn run(
         tokio::spawn(watcher.run(
             metadata.clone(),
             metrics.clone(),
-            move |_snap| {
+            move |snap| {
                 let _ = kick.try_send(());
+                let nodes = lumen_relay::peer::peer_nodes(snap.index.nodes());
+                peers_tx.send_if_modified(|cur| {
+                    let changed = *cur != nodes;
+                    *cur = nodes;
+                    changed
+                });
             },
             stop_rx.clone(),
         ));
@@ -265,6 +273,10 @@ pub async fn run(
             }
         });
     }
+    let tls = match &config.server_tls {
+        Some(t) => Some(lumen_relay::tls::server_config(t).context("the Observer API's TLS")?),
+        None => None,
+    };
     let grpc = {
         let listener = tokio::net::TcpListener::bind(config.listen_address)
             .await
@@ -276,7 +288,7 @@ pub async fn run(
             let sd = async move {
                 let _ = stop.changed().await;
             };
-            if let Err(e) = observer::serve(listener, svc, sd).await {
+            if let Err(e) = observer::serve(listener, svc, peers_rx, tls, sd).await {
                 warn!(error = %e, "Observer API server failed");
             }
         })

@@ -49,6 +49,14 @@ struct Args {
     /// Periodic update interval for long-lived flows (e.g. 5s).
     #[arg(long, value_parser = humantime::parse_duration)]
     report_interval: Option<Duration>,
+    /// Certificate and key (PEM) of the Observer API: enables TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mutual TLS).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -104,6 +112,13 @@ fn real_main() -> anyhow::Result<()> {
     }
     if let Some(v) = args.report_interval {
         config.report_interval = v;
+    }
+    if let (Some(cert_file), Some(key_file)) = (args.tls_cert, args.tls_key) {
+        config.server_tls = Some(lumen_relay::config::ServerTlsConfig {
+            cert_file,
+            key_file,
+            client_ca_file: args.tls_client_ca,
+        });
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

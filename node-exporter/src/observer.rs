@@ -71,30 +71,59 @@ impl ObserverService {
     }
 }
 
-/// Serve the Observer API on `listener` until `shutdown`.
+/// Serve the Observer API on `listener` until `shutdown`, with the Lumen-only services
+/// beside it: FlowBatches (for relays), the policy inspector, `peer.Peer` announcing
+/// `peers` (the cluster's nodes), and gRPC reflection; over `tls` when given.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     svc: ObserverService,
+    peers: tokio::sync::watch::Receiver<Vec<lumen_relay::peer::PeerNode>>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), ServeError> {
     // Small messages (a watermark-only batch, one flow to a Hubble client) go out at once:
     // Nagle would hold them until the client's delayed ACK, tens of ms.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let inspector = crate::inspect::Inspector::server(svc.state.clone());
     let heartbeat = svc.state.config.watermark_heartbeat;
     let svc = Arc::new(svc);
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+    let mut builder =
+        tonic::transport::Server::builder().http2_keepalive_interval(Some(Duration::from_secs(30)));
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let router = builder
         .add_service(inspector)
+        .add_service(lumen_relay::peer::PeerService::new(peers).into_server())
         // Lumen-only batched stream for the relay (several flows per message, and the
         // node's watermark).
         .add_service(lumen_relay::batches::watermarked_server(
             svc.clone(),
             heartbeat,
         ))
-        .add_service(ObserverServer::from_arc(svc).max_decoding_message_size(4 << 20))
+        .add_service(ObserverServer::from_arc(svc).max_decoding_message_size(4 << 20));
+    let router = lumen_relay::proto::with_reflection(
+        router,
+        &[
+            "observer.Observer",
+            "peer.Peer",
+            "lumen.relay.v1.FlowBatches",
+            "lumen.policy.v1.PolicyInspector",
+        ],
+    )?;
+    router
         .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+        .await?;
+    Ok(())
+}
+
+/// Why the Observer API server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
 }
 
 fn ts_ns(ts: &prost_types::Timestamp) -> Result<i64, RequestError> {
@@ -137,12 +166,8 @@ impl Query {
         }
         let filter = lumen_proto::filter::FlowFilters::compile(&req.whitelist, &req.blacklist)
             .map_err(|e| RequestError::Filter(e.to_string()))?;
-        let paths = req
-            .field_mask
-            .as_ref()
-            .map(|m| m.paths.clone())
-            .unwrap_or_default();
-        let mask = lumen_proto::field_mask::FlowFieldMask::compile(&paths)
+        // `field_mask`, or `experimental.field_mask`, which stock Hubble CLIs send.
+        let mask = lumen_proto::field_mask::FlowFieldMask::from_request(&req)
             .map_err(|e| RequestError::FieldMask(e.to_string()))?;
         Ok(Self {
             number: req.number,
@@ -570,5 +595,37 @@ fn lost(source: LostEventSource, n: u64) -> LostEvent {
         source: source as i32,
         num_events_lost: n,
         cpu: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Stock Hubble CLIs send their field mask in `experimental.field_mask`.
+    #[test]
+    fn the_experimental_field_mask_is_honoured() {
+        #[allow(deprecated)]
+        let req = GetFlowsRequest {
+            experimental: Some(lumen_proto::observer::get_flows_request::Experimental {
+                field_mask: Some(prost_types::FieldMask {
+                    paths: vec!["time".into(), "verdict".into()],
+                }),
+            }),
+            ..Default::default()
+        };
+        let q = Query::parse(req).expect("valid request");
+        assert!(q.mask.is_some());
+
+        #[allow(deprecated)]
+        let bad = GetFlowsRequest {
+            experimental: Some(lumen_proto::observer::get_flows_request::Experimental {
+                field_mask: Some(prost_types::FieldMask {
+                    paths: vec!["no_such_field".into()],
+                }),
+            }),
+            ..Default::default()
+        };
+        assert!(matches!(Query::parse(bad), Err(RequestError::FieldMask(_))));
     }
 }

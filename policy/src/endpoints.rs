@@ -18,9 +18,10 @@
 //!     namespace: external
 //!     labels: {app: billing}
 //!     ips: ["10.201.5.0/24"]
-//! nodes:
+//! nodes:                         # the cluster's nodes, announced by the peer service
 //!   - name: node-1
 //!     address: "127.0.0.1:4244"
+//!     tlsServerName: node-1.lumen.internal   # optional: name on its TLS certificate
 //! ```
 //!
 //! Unknown fields are errors; every error names the file and a line.
@@ -144,13 +145,17 @@ pub struct Workload {
 
 /// A node of the cluster, for the relay's peer discovery.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NodeSpec {
     #[serde(deserialize_with = "de_node")]
     pub name: String,
     /// `host:port` of the node's Observer API.
     #[serde(deserialize_with = "de_address")]
     pub address: String,
+    /// Name on the node's TLS certificate, when its Observer API serves TLS (announced to
+    /// relays by the peer service; default: the host of `address`).
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
 }
 
 fn de_pod<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {

@@ -74,6 +74,8 @@ pub enum StartError {
     Server(#[from] tonic::transport::Error),
     #[error(transparent)]
     Sink(#[from] sinks::SinkError),
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
 }
 
 /// A running relay.
@@ -183,6 +185,8 @@ pub async fn start_with_resolver(
     let router = builder
         .add_service(RelayObserverServer::new(relay.clone()))
         .add_service(observer::batches_server(relay.clone()));
+    let router =
+        proto::with_reflection(router, &["observer.Observer", "lumen.relay.v1.FlowBatches"])?;
     // Small messages (a watermark, one flow) go out at once: Nagle would hold them until
     // the client's delayed ACK, tens of ms. (`tcp_nodelay` above does not apply to a
     // listener of our own.)

@@ -1,19 +1,14 @@
 //! The `peer.Peer` service (Hubble's shape): announces the cluster's nodes from a node
 //! list, every node as PEER_ADDED on connect, then each change. Node exporters serve it
-//! from the `nodes:` list of their endpoint metadata file ([`watch_endpoints_file`]);
-//! relays follow it with [`crate::discovery::follow_peers`].
+//! from the `nodes:` list of their endpoint metadata file ([`peer_nodes`], updated with
+//! every accepted reload of the file); relays follow it with
+//! [`crate::discovery::follow_peers`].
 
-use std::{
-    collections::BTreeMap,
-    path::PathBuf,
-    pin::Pin,
-    time::{Duration, SystemTime},
-};
+use std::{collections::BTreeMap, pin::Pin};
 
 use futures::Stream;
 use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status};
-use tracing::warn;
 
 use crate::proto::peer::{
     peer_server::{Peer, PeerServer},
@@ -129,58 +124,18 @@ impl Peer for PeerService {
     }
 }
 
-/// The `nodes:` of an endpoint metadata file, reloaded when the file changes (polled every
-/// `poll`). A file that fails to load keeps the previous nodes (and is logged).
-pub fn watch_endpoints_file(path: PathBuf, poll: Duration) -> watch::Receiver<Vec<PeerNode>> {
-    let load = |path: &PathBuf| -> Option<Vec<PeerNode>> {
-        match lumen_policy::EndpointsFile::load(path) {
-            Ok(f) => {
-                let mut nodes: Vec<PeerNode> = f
-                    .nodes
-                    .into_iter()
-                    .map(|n| PeerNode {
-                        name: n.name,
-                        address: n.address,
-                        tls_server_name: None,
-                    })
-                    .collect();
-                nodes.sort();
-                Some(nodes)
-            }
-            Err(e) => {
-                warn!(error = %e, "endpoint metadata file not loaded; keeping the previous nodes");
-                None
-            }
-        }
-    };
-    let initial = load(&path).unwrap_or_default();
-    let (tx, rx) = watch::channel(initial);
-    tokio::spawn(async move {
-        let stamp = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        let mut last: Option<SystemTime> = stamp(&path);
-        loop {
-            tokio::time::sleep(poll).await;
-            if tx.is_closed() {
-                return;
-            }
-            let now = stamp(&path);
-            if now == last {
-                continue;
-            }
-            last = now;
-            if let Some(nodes) = load(&path) {
-                tx.send_if_modified(|cur| {
-                    if *cur == nodes {
-                        false
-                    } else {
-                        *cur = nodes;
-                        true
-                    }
-                });
-            }
-        }
-    });
-    rx
+/// The peers of the `nodes:` of an endpoint metadata file, sorted.
+pub fn peer_nodes(nodes: &[lumen_policy::NodeSpec]) -> Vec<PeerNode> {
+    let mut out: Vec<PeerNode> = nodes
+        .iter()
+        .map(|n| PeerNode {
+            name: n.name.clone(),
+            address: n.address.clone(),
+            tls_server_name: n.tls_server_name.clone(),
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 #[cfg(test)]

@@ -789,3 +789,93 @@ async fn a_watermark_ahead_of_the_relay_s_clock_lets_nothing_go_past_that_clock(
         ms(released)
     );
 }
+
+/// gRPC reflection (v1 and v1alpha) lists the relay's services and describes their
+/// messages, so generic clients (grpcurl) need no .proto files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_services_and_resolves_their_messages() {
+    use futures::StreamExt;
+    use prost::Message;
+    use tonic::transport::Channel;
+    use tonic_reflection::pb::{v1, v1alpha};
+    let node = TestNode::start("node-a", batched());
+    let relay = start_relay(relay_config(&[node.address.to_string()])).await;
+    let ch = Channel::from_shared(format!("http://{}", relay.address))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    let mut c = v1::server_reflection_client::ServerReflectionClient::new(ch.clone());
+    let ask = |req: v1::server_reflection_request::MessageRequest| v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(req),
+    };
+    let mut answers = c
+        .server_reflection_info(futures::stream::iter(vec![
+            ask(v1::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            )),
+            ask(
+                v1::server_reflection_request::MessageRequest::FileContainingSymbol(
+                    "observer.GetFlowsRequest".into(),
+                ),
+            ),
+            ask(
+                v1::server_reflection_request::MessageRequest::FileContainingSymbol(
+                    "flow.Flow".into(),
+                ),
+            ),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut replies = Vec::new();
+    while let Some(r) = answers.next().await {
+        replies.push(r.unwrap().message_response.unwrap());
+    }
+    let v1::server_reflection_response::MessageResponse::ListServicesResponse(list) = &replies[0]
+    else {
+        panic!("not a service list: {:?}", replies[0]);
+    };
+    let mut names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["lumen.relay.v1.FlowBatches", "observer.Observer"]);
+    for (r, file) in replies[1..]
+        .iter()
+        .zip(["observer/observer.proto", "flow/flow.proto"])
+    {
+        let v1::server_reflection_response::MessageResponse::FileDescriptorResponse(fd) = r else {
+            panic!("no descriptor for {file}: {r:?}");
+        };
+        let first =
+            prost_types::FileDescriptorProto::decode(fd.file_descriptor_proto[0].as_slice())
+                .unwrap();
+        assert_eq!(first.name(), file);
+    }
+
+    // v1alpha, which older clients (grpcurl's fallback, grpcio's Python helpers) speak.
+    let mut c = v1alpha::server_reflection_client::ServerReflectionClient::new(ch);
+    let mut answers = c
+        .server_reflection_info(futures::stream::iter(vec![
+            v1alpha::ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(
+                    v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+                ),
+            },
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    let r = answers.next().await.unwrap().unwrap();
+    assert!(
+        matches!(
+            r.message_response,
+            Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(ref l))
+                if l.service.iter().any(|s| s.name == "observer.Observer")
+        ),
+        "{r:?}"
+    );
+    relay.shutdown().await;
+}

@@ -3,10 +3,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+mod pki;
 
 use std::{
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -26,8 +27,8 @@ use lumen_relay::{
     synthetic::ServeOptions,
     wire::now_ns,
 };
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use pki::Pki;
+use tonic::transport::Channel;
 
 fn batched() -> ServeOptions {
     ServeOptions {
@@ -198,90 +199,13 @@ async fn a_dns_name_resolving_to_many_addresses_is_many_nodes() {
     relay.shutdown().await;
 }
 
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    /// A CA, and certificates (signed by it) for `node.lumen.test`, `relay.lumen.test`, and
-    /// clients `relay-client` and `cli`.
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
-        for name in ["node.lumen.test", "relay.lumen.test", "relay-client", "cli"] {
-            let key = KeyPair::generate().unwrap();
-            let cert = CertificateParams::new(vec![name.to_owned()])
-                .unwrap()
-                .signed_by(&key, &ca)
-                .unwrap();
-            std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
-            std::fs::write(
-                dir.path().join(format!("{name}-key.pem")),
-                key.serialize_pem(),
-            )
-            .unwrap();
-        }
-        Pki { dir }
-    }
-
-    fn path(&self, f: &str) -> PathBuf {
-        self.dir.path().join(f)
-    }
-
-    fn read(&self, f: &str) -> Vec<u8> {
-        std::fs::read(self.path(f)).unwrap()
-    }
-
-    fn identity(&self, name: &str) -> Identity {
-        Identity::from_pem(
-            self.read(&format!("{name}.pem")),
-            self.read(&format!("{name}-key.pem")),
-        )
-    }
-
-    fn ca(&self) -> Certificate {
-        Certificate::from_pem(self.read("ca.pem"))
-    }
-
-    /// Server TLS requiring client certificates from this CA.
-    fn mtls_server(&self, name: &str) -> tonic::transport::ServerTlsConfig {
-        tonic::transport::ServerTlsConfig::new()
-            .identity(self.identity(name))
-            .client_ca_root(self.ca())
-    }
-}
-
-async fn tls_client(
-    addr: SocketAddr,
-    pki: &Pki,
-    identity: Option<&str>,
-) -> Result<ObserverClient<Channel>, String> {
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(pki.ca())
-        .domain_name("relay.lumen.test");
-    if let Some(id) = identity {
-        tls = tls.identity(pki.identity(id));
-    }
-    let ch = Endpoint::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(tls)
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    Ok(ObserverClient::new(ch))
-}
-
 fn exists(p: &Path) -> bool {
     p.exists()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_between_clients_relay_and_nodes() {
-    let pki = Pki::new();
+    let pki = Pki::new(&["node.lumen.test", "relay.lumen.test", "relay-client", "cli"]);
     let nodes: Vec<TestNode> = ["node-a", "node-b"]
         .iter()
         .map(|n| {
@@ -320,7 +244,8 @@ async fn mutual_tls_between_clients_relay_and_nodes() {
     let relay = start_relay(config).await;
     wait_connected(&relay, 2).await;
 
-    let mut c = tls_client(relay.address, &pki, Some("cli"))
+    let mut c = pki
+        .client(&relay.address.to_string(), "relay.lumen.test", Some("cli"))
         .await
         .expect("mTLS client connects");
     let flows = flows_of(&get_all(&mut c, GetFlowsRequest::default()).await);
@@ -332,7 +257,10 @@ async fn mutual_tls_between_clients_relay_and_nodes() {
         .is_some_and(|t| t.enabled && t.server_name == "node.lumen.test")));
 
     // Without a client certificate the relay refuses the client.
-    let refused = match tls_client(relay.address, &pki, None).await {
+    let refused = match pki
+        .client(&relay.address.to_string(), "relay.lumen.test", None)
+        .await
+    {
         Err(_) => true,
         Ok(mut c) => c.get_nodes(GetNodesRequest {}).await.is_err(),
     };

@@ -30,6 +30,9 @@ use lumen_proto::{
     relay::NodeState,
 };
 use lumen_relay::wire::{now_ns, ns_timestamp, timestamp_ns};
+
+mod pki;
+use pki::Pki;
 use tonic::transport::Channel;
 
 static LAB_LOCK: Mutex<()> = Mutex::new(());
@@ -179,6 +182,13 @@ impl Cluster {
     /// Nodes `names`, each with pods `client-<n>` and `server-<n>` (`<n>` from 1) and an
     /// HTTP server on the server pod; node exporters started with `extra` arguments.
     fn new(names: &[&str], extra: &[&str]) -> Cluster {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::new_with(names, |_, _| extra.clone())
+    }
+
+    /// As [`Cluster::new`], with each node's own extra arguments (from its name and
+    /// address).
+    fn new_with(names: &[&str], extra: impl Fn(&str, &str) -> Vec<String>) -> Cluster {
         let mut lab = Lab::new("relay-nodes").expect("lab");
         let mut nodes = Vec::new();
         for (i, name) in names.iter().enumerate() {
@@ -190,16 +200,17 @@ impl Cluster {
                 .add_pod_on(name, &format!("client-{}", i + 1))
                 .expect("client pod");
             let http = server.http_server(8080).expect("http server");
+            let address = lab_node.socket_addr(EXPORTER_PORT).to_string();
             nodes.push(Node {
                 name: (*name).to_owned(),
-                address: lab_node.socket_addr(EXPORTER_PORT).to_string(),
+                extra: extra(name, &address),
+                address,
                 lab_node,
                 client,
                 server,
                 _http: http,
                 exporter: None,
                 interfaces: format!("lmh{}*", lab.id()),
-                extra: extra.iter().map(|s| s.to_string()).collect(),
                 dir: tempfile::tempdir().unwrap(),
             });
         }
@@ -360,7 +371,13 @@ async fn client(addr: &str) -> ObserverClient<Channel> {
 }
 
 async fn get_all(addr: &str, req: GetFlowsRequest) -> Vec<GetFlowsResponse> {
-    let mut c = client(addr).await;
+    get_all_with(&mut client(addr).await, req).await
+}
+
+async fn get_all_with(
+    c: &mut ObserverClient<Channel>,
+    req: GetFlowsRequest,
+) -> Vec<GetFlowsResponse> {
     let mut s = c.get_flows(req).await.expect("GetFlows").into_inner();
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(60), async {
@@ -1042,4 +1059,180 @@ fn tcp_tuple(f: &Flow) -> Option<FiveTuple> {
         dst: ip.destination.parse().ok()?,
         dport: u16::try_from(tcp.destination_port).ok()?,
     })
+}
+
+/// The relay finds the nodes through a node exporter's `peer.Peer` service (the `nodes:` of
+/// its endpoints file), and every hop is mutual TLS: relay → peer service, relay → nodes
+/// (verified by the names the peer service announces), client → relay. Nodes join and
+/// leave by editing the file; a broken file keeps the nodes in force; plaintext and
+/// certificate-less clients are refused by the node exporters.
+#[test]
+fn nodes_from_a_node_exporters_peer_service_over_mutual_tls() {
+    lumen_lab::require_privileges!("nodes_from_a_node_exporters_peer_service_over_mutual_tls");
+    let _g = lab_lock();
+    let pki = Pki::new(&["relay.lumen.test", "relay-client", "cli"]);
+    let files = tempfile::tempdir().unwrap();
+    let endpoints = files.path().join("endpoints.yaml");
+    std::fs::write(&endpoints, "endpoints: []\n").unwrap();
+    let endpoints_arg = endpoints.display().to_string();
+    let cluster = Cluster::new_with(&["node-1", "node-2"], |name, address| {
+        // Its address (the relay reaches the peer service by it) and the name the peer
+        // service announces for it.
+        let host = address.rsplit_once(':').unwrap().0;
+        pki.issue(name, &[host, &format!("{name}.lumen.test")]);
+        let (cert, key) = pki.cert_key(name);
+        vec![
+            "--endpoints-file".into(),
+            endpoints_arg.clone(),
+            "--tls-cert".into(),
+            cert,
+            "--tls-key".into(),
+            key,
+            "--tls-client-ca".into(),
+            pki.path("ca.pem").display().to_string(),
+        ]
+    });
+    let nodes = &cluster.nodes;
+    let nodes_file = |which: &[&Node], extra: &str| {
+        let mut y = String::from("endpoints: []\nnodes:\n");
+        for n in which {
+            y.push_str(&format!(
+                "  - name: {}\n    address: \"{}\"\n    tlsServerName: {}.lumen.test\n",
+                n.name, n.address, n.name
+            ));
+        }
+        y.push_str(extra);
+        // Atomically, as configuration management writes files.
+        let tmp = files.path().join("endpoints.yaml.tmp");
+        std::fs::write(&tmp, y).unwrap();
+        std::fs::rename(&tmp, &endpoints).unwrap();
+    };
+    nodes_file(&[&nodes[0]], "");
+
+    let (relay_cert, relay_key) = pki.cert_key("relay.lumen.test");
+    let (client_cert, client_key) = pki.cert_key("relay-client");
+    let ca = pki.path("ca.pem").display().to_string();
+    let relay = Relay::start(
+        &[],
+        &[
+            "--peer-service",
+            &nodes[0].address,
+            "--node-tls-ca",
+            &ca,
+            "--node-tls-cert",
+            &client_cert,
+            "--node-tls-key",
+            &client_key,
+            "--tls-cert",
+            &relay_cert,
+            "--tls-key",
+            &relay_key,
+            "--tls-client-ca",
+            &ca,
+        ],
+    );
+
+    rt().block_on(async {
+        let mut c = pki
+            .client(&relay.address, "relay.lumen.test", Some("cli"))
+            .await
+            .expect("mutual TLS client of the relay");
+        wait_connected(&mut c, &["node-1"], &relay).await;
+
+        // node-2 joins: listed in node-1's file, reached over mutual TLS by its announced name.
+        nodes_file(&[&nodes[0], &nodes[1]], "");
+        wait_connected(&mut c, &["node-1", "node-2"], &relay).await;
+        let since = now_ns();
+        nodes[1].traffic(2);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = flows(
+                &get_all_with(
+                    &mut c,
+                    GetFlowsRequest {
+                        since: Some(ns_timestamp(since)),
+                        ..Default::default()
+                    },
+                )
+                .await,
+            );
+            if got.iter().any(|f| f.node_name == "node-2") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no flow of node-2 through the relay"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+
+        // A broken file is rejected; the nodes in force stay.
+        nodes_file(&[&nodes[0]], "  - name: [not, a, name]\n");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        wait_connected(&mut c, &["node-1", "node-2"], &relay).await;
+
+        // node-2 leaves.
+        nodes_file(&[&nodes[0]], "");
+        wait_connected(&mut c, &["node-1"], &relay).await;
+
+        // The node exporters refuse plaintext and clients without a certificate.
+        let plain = Channel::from_shared(format!("http://{}", nodes[0].address))
+            .unwrap()
+            .connect()
+            .await;
+        if let Ok(ch) = plain {
+            let r = ObserverClient::new(ch)
+                .server_status(ServerStatusRequest {})
+                .await;
+            assert!(r.is_err(), "plaintext answered: {r:?}");
+        }
+        let anonymous = pki
+            .client(&nodes[0].address, "node-1.lumen.test", None)
+            .await;
+        if let Ok(mut a) = anonymous {
+            let r = a.server_status(ServerStatusRequest {}).await;
+            assert!(
+                r.is_err(),
+                "a client without a certificate was answered: {r:?}"
+            );
+        }
+        let mut with_cert = pki
+            .client(&nodes[0].address, "node-1.lumen.test", Some("cli"))
+            .await
+            .expect("mutual TLS client of a node exporter");
+        with_cert
+            .server_status(ServerStatusRequest {})
+            .await
+            .expect("node exporter answers over mutual TLS");
+    });
+}
+
+/// Waits until the relay's GetNodes lists exactly `want`, all connected.
+async fn wait_connected(c: &mut ObserverClient<Channel>, want: &[&str], relay: &Relay) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut got = Vec::new();
+    while Instant::now() < deadline {
+        let r = c
+            .get_nodes(lumen_proto::observer::GetNodesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        got = r
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.state))
+            .collect::<Vec<_>>();
+        got.sort();
+        let connected = got
+            .iter()
+            .all(|(_, s)| *s == NodeState::NodeConnected as i32);
+        if connected && got.iter().map(|(n, _)| n.as_str()).eq(want.iter().copied()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!(
+        "relay nodes {got:?}, want {want:?} connected: {}",
+        relay.proc.log()
+    );
 }
