@@ -391,6 +391,23 @@ fn filter_cond(flavor: Flavor, f: &FlowFilter) -> Cond {
     {
         c.push(Cond::never());
     }
+    if !f.drop_reason_desc.is_empty() {
+        // Hubble's rule: a dropped flow with one of the reasons.
+        let mut cond = int_in(
+            "drop_reason",
+            f.drop_reason_desc.iter().map(|v| i64::from(*v)),
+        );
+        cond.sql = format!("verdict = 2 AND {}", cond.sql);
+        c.push(cond);
+    }
+    // History stores no interface: an interface filter matches no stored flow.
+    if !f.interface.is_empty() {
+        c.push(Cond::never());
+    }
+    // Lumen sees no encryption marks: every flow reads back unencrypted.
+    if !f.encrypted.is_empty() && !f.encrypted.contains(&false) {
+        c.push(Cond::never());
+    }
     if !f.protocol.is_empty() {
         let mut nums = Vec::new();
         let mut known = true;

@@ -699,6 +699,47 @@ pub fn reader_cases(start: i64) -> Vec<(&'static str, HistoryQuery)> {
         ),
         ("all", HistoryQuery::default()),
         (
+            "dropped with a reason",
+            HistoryQuery {
+                whitelist: vec![FlowFilter {
+                    drop_reason_desc: vec![133],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        ),
+        (
+            "blacklist an interface (history keeps none), last 10",
+            HistoryQuery {
+                blacklist: vec![FlowFilter {
+                    interface: vec![lumen_proto::flow::NetworkInterface {
+                        index: 7,
+                        name: "lxc1".into(),
+                    }],
+                    ..Default::default()
+                }],
+                limit: Some(10),
+                ..Default::default()
+            },
+        ),
+        (
+            "unencrypted, or encrypted (never)",
+            HistoryQuery {
+                whitelist: vec![
+                    FlowFilter {
+                        encrypted: vec![false],
+                        verdict: vec![1],
+                        ..Default::default()
+                    },
+                    FlowFilter {
+                        encrypted: vec![true],
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            },
+        ),
+        (
             "pod and port",
             HistoryQuery {
                 whitelist: vec![FlowFilter {
