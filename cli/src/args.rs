@@ -1,7 +1,9 @@
 //! Command-line definitions (clap), with Hubble's flag names and meanings.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args, Parser, Subcommand};
 
 /// Default Observer API address (a node exporter or a relay).
@@ -20,8 +22,90 @@ pub struct Cli {
     /// How long to wait for the connection (e.g. 5s, 500ms).
     #[arg(long, global = true, default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Hubble's client TLS flags. TLS is on with `--tls` or an `https://` server; the other
+/// flags are read only then (as in Hubble).
+#[derive(Debug, Args, Default, Clone)]
+pub struct TlsArgs {
+    /// Connect with TLS (implied by an https:// server).
+    #[arg(
+        long,
+        global = true,
+        env = "LUMEN_TLS",
+        action = ArgAction::Set,
+        value_parser = BoolishValueParser::new(),
+        default_value_t = false,
+        default_missing_value = "true",
+        num_args = 0..=1,
+        require_equals = true,
+        value_name = "BOOL",
+        hide_possible_values = true,
+        hide_default_value = true,
+        help_heading = "TLS"
+    )]
+    pub tls: bool,
+    /// PEM files of the CAs that sign the server's certificate (comma separated or
+    /// repeated); without it, the system's CA store.
+    #[arg(
+        long,
+        global = true,
+        env = "LUMEN_TLS_CA_CERT_FILES",
+        value_delimiter = ',',
+        action = ArgAction::Append,
+        value_name = "PATHS",
+        help_heading = "TLS"
+    )]
+    pub tls_ca_cert_files: Vec<PathBuf>,
+    /// PEM certificate to present to the server (mutual TLS; needs --tls-client-key-file).
+    #[arg(
+        long,
+        global = true,
+        env = "LUMEN_TLS_CLIENT_CERT_FILE",
+        value_name = "PATH",
+        help_heading = "TLS"
+    )]
+    pub tls_client_cert_file: Option<PathBuf>,
+    /// PEM private key of --tls-client-cert-file.
+    #[arg(
+        long,
+        global = true,
+        env = "LUMEN_TLS_CLIENT_KEY_FILE",
+        value_name = "PATH",
+        help_heading = "TLS"
+    )]
+    pub tls_client_key_file: Option<PathBuf>,
+    /// Name the server's certificate must carry (default: the host part of --server).
+    #[arg(
+        long,
+        global = true,
+        env = "LUMEN_TLS_SERVER_NAME",
+        value_name = "NAME",
+        help_heading = "TLS"
+    )]
+    pub tls_server_name: Option<String>,
+    /// Skip verifying the server's certificate chain and name (the connection is
+    /// encrypted but the server is not authenticated; CA files are not used).
+    #[arg(
+        long,
+        global = true,
+        env = "LUMEN_TLS_ALLOW_INSECURE",
+        action = ArgAction::Set,
+        value_parser = BoolishValueParser::new(),
+        default_value_t = false,
+        default_missing_value = "true",
+        num_args = 0..=1,
+        require_equals = true,
+        value_name = "BOOL",
+        hide_possible_values = true,
+        hide_default_value = true,
+        help_heading = "TLS"
+    )]
+    pub tls_allow_insecure: bool,
 }
 
 #[derive(Debug, Subcommand)]

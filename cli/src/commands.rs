@@ -1,6 +1,7 @@
 //! The commands: connect to the Observer API and print what it returns.
 
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use lumen_proto::flow::LostEventSource;
@@ -8,23 +9,31 @@ use lumen_proto::format::{FormatOptions, OutputFormat, Printer};
 use lumen_proto::observer::observer_client::ObserverClient;
 use lumen_proto::observer::{GetNodesRequest, LumenSinkStatus, ServerStatusRequest};
 use lumen_proto::relay::NodeState;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::args::{Cli, ObserveArgs};
+use crate::args::{Cli, ObserveArgs, TlsArgs};
 use crate::request::{build_request, FilterFlag};
+use crate::tls::{self, ClientTls, TlsConnector};
 use crate::CliError;
 
-/// `host:port` or `http(s)://host:port` as a URI tonic accepts.
-pub fn server_uri(server: &str) -> String {
+/// `host:port` or `http(s)://host:port` as a URI tonic accepts; a bare `host:port` gets
+/// `https://` when `tls`.
+pub fn server_uri(server: &str, tls: bool) -> String {
     if server.contains("://") {
         server.to_owned()
+    } else if tls {
+        format!("https://{server}")
     } else {
         format!("http://{server}")
     }
 }
 
-/// The innermost error message, which names the actual cause.
+/// The innermost error message, which names the actual cause; a TLS failure as rustls
+/// words it.
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    if let Some(reason) = tls::handshake_reason(e) {
+        return reason;
+    }
     let mut cur = e;
     while let Some(next) = cur.source() {
         cur = next;
@@ -43,21 +52,119 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         .to_lowercase()
 }
 
-/// Connects to the server within `timeout`.
-pub async fn connect(server: &str, timeout: Duration) -> Result<ObserverClient<Channel>, CliError> {
-    Ok(ObserverClient::new(connect_channel(server, timeout).await?))
+/// A connection to the server: the channel, and what to say when a call on it fails.
+#[derive(Debug)]
+pub struct Connected {
+    pub channel: Channel,
+    server: String,
+    /// With TLS: the connector and the URI it dials, to ask why a connection died.
+    tls: Option<(TlsConnector, Uri)>,
+    timeout: Duration,
+    /// Whether a call has succeeded: a connection lost after that is not about TLS.
+    answered: AtomicBool,
 }
 
-/// A gRPC channel to the server within `timeout`.
-pub async fn connect_channel(server: &str, timeout: Duration) -> Result<Channel, CliError> {
+impl Connected {
+    /// The call's result, or a one-line error naming the TLS reason when there is one.
+    pub async fn check<T>(&self, result: Result<T, tonic::Status>) -> Result<T, CliError> {
+        match result {
+            Ok(v) => {
+                self.answered.store(true, Ordering::Relaxed);
+                Ok(v)
+            }
+            Err(s) => Err(self.error(s).await),
+        }
+    }
+
+    async fn error(&self, s: tonic::Status) -> CliError {
+        let connect = |reason: String| CliError::Connect {
+            server: self.server.clone(),
+            reason,
+        };
+        if let Some(reason) = std::error::Error::source(&s).and_then(tls::handshake_reason) {
+            return connect(reason);
+        }
+        match &self.tls {
+            // The connection died under the call: was it the server refusing us in TLS?
+            Some((connector, uri)) if connection_lost(&s) => {
+                if let Some(reason) = connector.diagnose(uri, self.timeout).await {
+                    return connect(reason);
+                }
+            }
+            // A TLS server answers an HTTP/2 preface with an alert, which reads as a bad
+            // frame, and closes the connection.
+            None if !self.answered.load(Ordering::Relaxed)
+                && (connection_lost(&s) || s.message().contains("h2 protocol error")) =>
+            {
+                let reason = match std::error::Error::source(&s) {
+                    Some(e) if connection_lost(&s) => root_cause(e),
+                    _ => s.message().replace('\n', " "),
+                };
+                return connect(format!("{reason} (if the server uses TLS, add --tls)"));
+            }
+            _ => {}
+        }
+        status_error(&self.server, s)
+    }
+}
+
+/// Whether a call failed because its connection went away (rather than the server
+/// answering with an error).
+fn connection_lost(s: &tonic::Status) -> bool {
+    let transport = std::error::Error::source(s)
+        .is_some_and(|e| e.downcast_ref::<tonic::transport::Error>().is_some());
+    transport
+        && matches!(
+            s.code(),
+            tonic::Code::Cancelled | tonic::Code::Unknown | tonic::Code::Unavailable
+        )
+}
+
+/// Connects to the server within `timeout`.
+pub async fn connect(
+    server: &str,
+    timeout: Duration,
+    tls: &TlsArgs,
+) -> Result<(ObserverClient<Channel>, Connected), CliError> {
+    let conn = connect_channel(server, timeout, tls).await?;
+    Ok((ObserverClient::new(conn.channel.clone()), conn))
+}
+
+/// A gRPC channel to the server within `timeout`, over TLS when `tls` says so.
+pub async fn connect_channel(
+    server: &str,
+    timeout: Duration,
+    tls: &TlsArgs,
+) -> Result<Connected, CliError> {
     let fail = |reason: String| CliError::Connect {
         server: server.to_owned(),
         reason,
     };
-    let endpoint = Endpoint::from_shared(server_uri(server))
-        .map_err(|e| fail(format!("invalid address: {}", root_cause(&e))))?
-        .connect_timeout(timeout);
-    let channel = match tokio::time::timeout(timeout, endpoint.connect()).await {
+    let client_tls = ClientTls::load(tls, server)?;
+    let invalid =
+        |e: &(dyn std::error::Error + 'static)| fail(format!("invalid address: {}", root_cause(e)));
+    let endpoint = match &client_tls {
+        None => Endpoint::from_shared(server_uri(server, false)).map_err(|e| invalid(&e))?,
+        // The connector does TLS, so tonic dials an http:// URI; the requests still say
+        // https (their :scheme comes from the origin).
+        Some(_) => {
+            let https = server_uri(server, true);
+            let dial = format!("http://{}", https.trim_start_matches("https://"));
+            let origin: Uri = https.parse().map_err(|e| invalid(&e))?;
+            Endpoint::from_shared(dial)
+                .map_err(|e| invalid(&e))?
+                .origin(origin)
+        }
+    }
+    .connect_timeout(timeout);
+    let tls = client_tls.map(|t| (t.connector(), endpoint.uri().clone()));
+    let connecting = async {
+        match &tls {
+            None => endpoint.connect().await,
+            Some((connector, _)) => endpoint.connect_with_connector(connector.clone()).await,
+        }
+    };
+    let channel = match tokio::time::timeout(timeout, connecting).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return Err(fail(root_cause(&e))),
         Err(_) => {
@@ -67,7 +174,13 @@ pub async fn connect_channel(server: &str, timeout: Duration) -> Result<Channel,
             )))
         }
     };
-    Ok(channel)
+    Ok(Connected {
+        channel,
+        server: server.to_owned(),
+        tls,
+        timeout,
+        answered: AtomicBool::new(false),
+    })
 }
 
 pub fn status_error(server: &str, s: tonic::Status) -> CliError {
@@ -98,12 +211,8 @@ fn root_or(s: &tonic::Status, fallback: String) -> String {
 pub async fn observe(cli: &Cli, args: &ObserveArgs, flags: &[FilterFlag]) -> Result<(), CliError> {
     let format: OutputFormat = args.output.parse().map_err(CliError::Usage)?;
     let req = build_request(args, flags, chrono::Utc::now())?;
-    let mut client = connect(&cli.server, cli.timeout).await?;
-    let mut stream = client
-        .get_flows(req)
-        .await
-        .map_err(|s| status_error(&cli.server, s))?
-        .into_inner();
+    let (mut client, conn) = connect(&cli.server, cli.timeout, &cli.tls).await?;
+    let mut stream = conn.check(client.get_flows(req).await).await?.into_inner();
     let opts = FormatOptions {
         node_name: args.print_node_name,
         ..Default::default()
@@ -114,7 +223,7 @@ pub async fn observe(cli: &Cli, args: &ObserveArgs, flags: &[FilterFlag]) -> Res
             m = stream.message() => m,
             _ = tokio::signal::ctrl_c() => return Ok(()),
         };
-        match next.map_err(|s| status_error(&cli.server, s))? {
+        match conn.check(next).await? {
             Some(resp) => printer.write_response(&resp).map_err(CliError::Output)?,
             None => return Ok(()),
         }
@@ -128,11 +237,10 @@ fn fmt_uptime(ns: u64) -> String {
 
 /// `lumen status`.
 pub async fn status(cli: &Cli) -> Result<(), CliError> {
-    let mut client = connect(&cli.server, cli.timeout).await?;
-    let s = client
-        .server_status(ServerStatusRequest {})
-        .await
-        .map_err(|s| status_error(&cli.server, s))?
+    let (mut client, conn) = connect(&cli.server, cli.timeout, &cli.tls).await?;
+    let s = conn
+        .check(client.server_status(ServerStatusRequest {}).await)
+        .await?
         .into_inner();
     let mut out = io::stdout().lock();
     let pct = if s.max_flows > 0 {
@@ -235,11 +343,10 @@ fn state_name(state: i32) -> &'static str {
 
 /// `lumen nodes` / `lumen list nodes`.
 pub async fn nodes(cli: &Cli) -> Result<(), CliError> {
-    let mut client = connect(&cli.server, cli.timeout).await?;
-    let resp = client
-        .get_nodes(GetNodesRequest {})
-        .await
-        .map_err(|s| status_error(&cli.server, s))?
+    let (mut client, conn) = connect(&cli.server, cli.timeout, &cli.tls).await?;
+    let resp = conn
+        .check(client.get_nodes(GetNodesRequest {}).await)
+        .await?
         .into_inner();
     let mut rows = vec![[
         "NAME".to_owned(),

@@ -1,11 +1,13 @@
 //! The `lumen` command line: `observe`, `status` and `nodes` against a Lumen
-//! node exporter or relay over the Hubble-compatible Observer API.
+//! node exporter or relay over the Hubble-compatible Observer API, in plaintext or
+//! (mutual) TLS.
 
 pub mod args;
 pub mod commands;
 pub mod policy;
 pub mod request;
 pub mod time;
+pub mod tls;
 
 use std::ffi::OsString;
 
@@ -21,6 +23,8 @@ pub enum CliError {
     Usage(String),
     #[error(transparent)]
     Request(#[from] RequestError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("cannot connect to {server}: {reason}")]
     Connect { server: String, reason: String },
     #[error("{0}")]
@@ -158,7 +162,7 @@ where
         Err(e) => {
             eprintln!("lumen: {}", e.to_string().replace('\n', " "));
             match e {
-                CliError::Usage(_) | CliError::Request(_) => 2,
+                CliError::Usage(_) | CliError::Request(_) | CliError::Tls(_) => 2,
                 _ => 1,
             }
         }

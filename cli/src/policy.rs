@@ -10,14 +10,15 @@ use lumen_proto::policy::{
 
 use crate::{
     args::{Cli, PolicyCommand},
-    commands::{connect_channel, status_error},
+    commands::{connect_channel, Connected},
     CliError,
 };
 
-async fn client(cli: &Cli) -> Result<PolicyInspectorClient<tonic::transport::Channel>, CliError> {
-    Ok(PolicyInspectorClient::new(
-        connect_channel(&cli.server, cli.timeout).await?,
-    ))
+async fn client(
+    cli: &Cli,
+) -> Result<(PolicyInspectorClient<tonic::transport::Channel>, Connected), CliError> {
+    let conn = connect_channel(&cli.server, cli.timeout, &cli.tls).await?;
+    Ok((PolicyInspectorClient::new(conn.channel.clone()), conn))
 }
 
 fn out() -> std::io::StdoutLock<'static> {
@@ -56,7 +57,7 @@ fn entry_line(e: &PolicyMapEntry) -> String {
 }
 
 pub async fn policy(cli: &Cli, cmd: &PolicyCommand) -> Result<(), CliError> {
-    let mut c = client(cli).await?;
+    let (mut c, conn) = client(cli).await?;
     let w = |e: std::io::Error| CliError::Output(e);
     match cmd {
         PolicyCommand::List | PolicyCommand::Get { .. } => {
@@ -73,11 +74,7 @@ pub async fn policy(cli: &Cli, cmd: &PolicyCommand) -> Result<(), CliError> {
                 },
                 _ => ListPoliciesRequest::default(),
             };
-            let resp = c
-                .list_policies(req)
-                .await
-                .map_err(|s| status_error(&cli.server, s))?
-                .into_inner();
+            let resp = conn.check(c.list_policies(req).await).await?.into_inner();
             let mut o = out();
             if matches!(cmd, PolicyCommand::List) {
                 writeln!(
@@ -128,12 +125,14 @@ pub async fn policy(cli: &Cli, cmd: &PolicyCommand) -> Result<(), CliError> {
             }
         }
         PolicyCommand::Dump { endpoint } => {
-            let resp = c
-                .dump_policy_map(DumpPolicyMapRequest {
-                    endpoint: endpoint.clone(),
-                })
-                .await
-                .map_err(|s| status_error(&cli.server, s))?
+            let resp = conn
+                .check(
+                    c.dump_policy_map(DumpPolicyMapRequest {
+                        endpoint: endpoint.clone(),
+                    })
+                    .await,
+                )
+                .await?
                 .into_inner();
             let mut o = out();
             writeln!(
@@ -178,11 +177,10 @@ pub async fn policy(cli: &Cli, cmd: &PolicyCommand) -> Result<(), CliError> {
 }
 
 pub async fn identities(cli: &Cli) -> Result<(), CliError> {
-    let mut c = client(cli).await?;
-    let resp = c
-        .list_identities(ListIdentitiesRequest {})
-        .await
-        .map_err(|s| status_error(&cli.server, s))?
+    let (mut c, conn) = client(cli).await?;
+    let resp = conn
+        .check(c.list_identities(ListIdentitiesRequest {}).await)
+        .await?
         .into_inner();
     let w = |e: std::io::Error| CliError::Output(e);
     let mut o = out();

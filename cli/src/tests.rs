@@ -316,12 +316,61 @@ fn invalid_flag_values() {
 
 #[test]
 fn server_address_forms() {
+    use crate::commands::server_uri;
+    assert_eq!(server_uri("localhost:4244", false), "http://localhost:4244");
     assert_eq!(
-        crate::commands::server_uri("localhost:4244"),
-        "http://localhost:4244"
-    );
-    assert_eq!(
-        crate::commands::server_uri("http://10.0.0.1:4245"),
+        server_uri("http://10.0.0.1:4245", false),
         "http://10.0.0.1:4245"
     );
+    // TLS: a bare host:port becomes https://; an explicit scheme is kept.
+    assert_eq!(server_uri("localhost:4244", true), "https://localhost:4244");
+    assert_eq!(
+        server_uri("https://relay.example:443", true),
+        "https://relay.example:443"
+    );
+}
+
+fn tls_args(args: &[&str]) -> crate::args::TlsArgs {
+    let mut argv = vec!["lumen"];
+    argv.extend_from_slice(args);
+    let Parsed::Run(inv) = parse(argv).expect("parses") else {
+        panic!("expected a command to run");
+    };
+    inv.cli.tls
+}
+
+#[test]
+fn tls_flags_are_global_with_hubble_forms() {
+    let t = tls_args(&[
+        "--tls",
+        "status",
+        "--tls-ca-cert-files",
+        "a.pem,b.pem",
+        "--tls-ca-cert-files",
+        "c.pem",
+        "--tls-client-cert-file",
+        "cli.pem",
+        "--tls-client-key-file",
+        "cli-key.pem",
+        "--tls-server-name",
+        "relay.lab",
+    ]);
+    assert!(t.tls && !t.tls_allow_insecure);
+    let cas: Vec<String> = t
+        .tls_ca_cert_files
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    assert_eq!(cas, s(&["a.pem", "b.pem", "c.pem"]));
+    assert_eq!(
+        t.tls_client_cert_file.as_deref(),
+        Some(std::path::Path::new("cli.pem"))
+    );
+    assert_eq!(t.tls_server_name.as_deref(), Some("relay.lab"));
+
+    // Booleans take an optional =value, as cobra's do; a bare flag never eats the next word.
+    assert!(!tls_args(&["observe", "--tls=false"]).tls);
+    assert!(tls_args(&["observe", "--tls-allow-insecure"]).tls_allow_insecure);
+    assert!(tls_args(&["--tls", "nodes"]).tls);
+    assert!(!tls_args(&["nodes"]).tls);
 }
