@@ -172,6 +172,7 @@ pub fn to_flow(f: &StoredFlow, ctx: &ConvertContext<'_>) -> Flow {
         Some(FlowReason::Close) => flow::LumenEventKind::FlowClose,
         Some(FlowReason::Drop) => flow::LumenEventKind::FlowDrop,
         Some(FlowReason::Packet) => flow::LumenEventKind::PacketTrace,
+        Some(FlowReason::Reply) => flow::LumenEventKind::FlowReply,
         None => flow::LumenEventKind::Unspecified,
     };
     let dropped = f.verdict == lumen_datapath_common::verdict::DROPPED;

@@ -287,6 +287,7 @@ pub fn reason_name(r: u8) -> &'static str {
         Some(R::Close) => "close",
         Some(R::Drop) => "drop",
         Some(R::Packet) => "packet",
+        Some(R::Reply) => "reply",
         None => "unknown",
     }
 }

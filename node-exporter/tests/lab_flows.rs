@@ -301,6 +301,23 @@ fn flows_agree_with_a_packet_capture() {
             .any(|f| get(f, &["l4", "ICMPv6", "type"]).as_u64() == Some(128)),
         "ICMPv6 echo flow"
     );
+    // The first answer of a connection is reported too: an answered ping shows its reply.
+    for (family, echo_reply) in [("ICMPv4", 0), ("ICMPv6", 129)] {
+        assert!(
+            flows.iter().any(|f| {
+                // proto3 JSON leaves out a zero type (ICMPv4 echo reply).
+                get(f, &["l4", family]).is_object()
+                    && get(f, &["l4", family, "type"]).as_u64().unwrap_or(0) == echo_reply
+                    && get(f, &["is_reply"]).as_bool() == Some(true)
+                    && s(f, &["lumen_event_kind"]) == "FLOW_REPLY"
+            }),
+            "{family} echo reply flow among {:#?}",
+            flows
+                .iter()
+                .filter(|f| get(f, &["l4", family]).is_object())
+                .collect::<Vec<_>>()
+        );
+    }
     assert!(
         flows
             .iter()

@@ -547,6 +547,7 @@ fn lumen_kind(flow: &Flow) -> Option<&'static str> {
             LumenEventKind::FlowClose => "close",
             LumenEventKind::FlowDrop => "drop",
             LumenEventKind::PacketTrace => "packet",
+            LumenEventKind::FlowReply => "reply",
         },
     )
 }

@@ -95,6 +95,9 @@ pub enum FlowReason {
     Drop = 5,
     /// Per-packet report (aggregation level [`AGGREGATION_NONE`]).
     Packet = 6,
+    /// The first packet in the reply direction (a UDP or ICMP answer; TCP's is the SYN-ACK,
+    /// reported as [`FlowReason::TcpFlags`]).
+    Reply = 7,
 }
 
 impl FlowReason {
@@ -106,6 +109,7 @@ impl FlowReason {
             4 => Some(Self::Close),
             5 => Some(Self::Drop),
             6 => Some(Self::Packet),
+            7 => Some(Self::Reply),
             _ => None,
         }
     }

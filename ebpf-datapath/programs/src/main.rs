@@ -434,8 +434,12 @@ fn try_observe(ctx: &TcContext, hook: u8, cpu: &mut CpuState) -> Result<i32, Cou
             e.peer_identity = peer;
             e.policy_generation = cfg.policy_generation;
         }
+        let mut first_reply = false;
         unsafe {
             if is_reply {
+                // A plain read: fetch-add needs BPF v3 atomics, and two first replies racing
+                // on two CPUs cost one extra event at most.
+                first_reply = e.reply_packets == 0;
                 add_u64(&mut e.reply_packets, 1);
                 add_u64(&mut e.reply_bytes, u64::from(len));
             } else {
@@ -493,6 +497,9 @@ fn try_observe(ctx: &TcContext, hook: u8, cpu: &mut CpuState) -> Result<i32, Cou
                         reason = Some(FlowReason::TcpFlags);
                     }
                 }
+            }
+            if reason.is_none() && first_reply {
+                reason = Some(FlowReason::Reply);
             }
             if reason.is_none() && now.elapsed(e.last_report_ns, cfg.report_interval_ns) {
                 reason = Some(FlowReason::Update);
