@@ -12,6 +12,15 @@ fn main() -> anyhow::Result<()> {
     let root = root
         .to_str()
         .ok_or_else(|| anyhow!("non-UTF-8 path {}", root.display()))?;
+    // aya-build forwards the inner cargo's stderr as `cargo:warning=` lines, which cargo
+    // replays on every build of this crate: keep the inner cargo's progress lines
+    // ("Compiling …") out of it. Compiler diagnostics still come through.
+    // SAFETY: the build script is single-threaded here; nothing reads the environment
+    // concurrently.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::env::set_var("CARGO_TERM_QUIET", "true");
+    }
     aya_build::build_ebpf(
         [Package {
             name: "lumen-datapath",
