@@ -125,8 +125,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         ]),
     )?;
 
-    let port = free_port()?;
-    let server = format!("127.0.0.1:{port}");
+    let server = format!("127.0.0.1:{}", preferred_port(4244)?);
     let exporter = Proc::start(
         Command::new(bin.join("lumen-node-exporter"))
             .args([
@@ -143,6 +142,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
         "lumen-node-exporter",
     )?;
     wait_for_port(&server, Duration::from_secs(20))?;
+    eprintln!(
+        "demo: node exporter on {server}; from another terminal: target/debug/lumen observe --server {server} --last 20"
+    );
 
     let _http4 = web.http_server(8080)?;
     let _udp = db.udp_listen(5353)?;
@@ -225,6 +227,14 @@ fn endpoints_yaml(pods: &[(&Pod, &str, &str)]) -> String {
         ));
     }
     s
+}
+
+/// `port` (Hubble's default for the role) when it is free on loopback, else any free port.
+fn preferred_port(port: u16) -> Result<u16> {
+    match std::net::TcpListener::bind(("127.0.0.1", port)) {
+        Ok(_) => Ok(port),
+        Err(_) => free_port(),
+    }
 }
 
 fn free_port() -> Result<u16> {
@@ -329,15 +339,15 @@ fn run_multi_node(args: DemoArgs) -> Result<()> {
             Duration::from_secs(20),
         )?;
     }
-    let relay_addr = format!("127.0.0.1:{}", free_port()?);
+    let relay_addr = format!("127.0.0.1:{}", preferred_port(4245)?);
     let mut relay_cmd = Command::new(bin.join("lumen-relay"));
     relay_cmd.args(["--listen-address", &relay_addr, "--metrics-address", ""]);
-    for node in &nodes {
-        relay_cmd.args([
-            "--node",
-            &format!("{}={}", node.name, node.socket_addr(EXPORTER_PORT)),
-        ]);
-    }
+    // The relay learns the nodes from node-1's peer service (the `nodes:` of the endpoints
+    // file), as Hubble's relay does from its local agent.
+    relay_cmd.args([
+        "--peer-service",
+        &nodes[0].socket_addr(EXPORTER_PORT).to_string(),
+    ]);
     let relay = Proc::start(relay_cmd.env("RUST_LOG", "warn"), "lumen-relay")?;
     wait_for_port(&relay_addr, Duration::from_secs(20))?;
     let servers: Vec<_> = webs
@@ -346,7 +356,7 @@ fn run_multi_node(args: DemoArgs) -> Result<()> {
         .collect::<Result<_>>()?;
     std::thread::sleep(Duration::from_millis(500));
     eprintln!(
-        "demo: lab {}, {} nodes ({}) behind relay {relay_addr}",
+        "demo: lab {}, {} nodes ({}) behind relay {relay_addr} (found through node-1's peer service); from another terminal: target/debug/lumen observe --server {relay_addr} --last 20",
         lab.id(),
         nodes.len(),
         nodes
