@@ -879,3 +879,118 @@ async fn reflection_lists_the_services_and_resolves_their_messages() {
     );
     relay.shutdown().await;
 }
+
+/// A stock gRPC client that shares no code with Lumen (gRPC C-core and Google's protobuf
+/// runtime in Python, every type learnt from the relay's reflection) reads the relay: the
+/// same flows, in the same order, as Lumen's own client; filters apply; a filter field
+/// Lumen cannot answer is refused with INVALID_ARGUMENT naming it; ServerStatus and
+/// GetNodes decode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stock_grpc_client_reads_the_relay_through_reflection() {
+    let nodes = three_nodes([batched(), ServeOptions::default(), batched()], 40);
+    let specs: Vec<String> = nodes.iter().map(TestNode::spec).collect();
+    let relay = start_relay(relay_config(&specs)).await;
+    wait_connected(&relay, 3).await;
+    let mut c = client(relay.address).await;
+    let addr = relay.address.to_string();
+    let stock = |args: Vec<String>| async move {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/stock_client.py");
+        let a = args.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("python3")
+                .arg(script)
+                .args(&a)
+                .output()
+        })
+        .await
+        .unwrap()
+        .expect("python3 runs (cargo xtask setup installs grpcio and grpcio-reflection)");
+        assert!(
+            out.status.success(),
+            "stock client {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON line"))
+            .collect::<Vec<_>>()
+    };
+    let stock_flows = |lines: &[serde_json::Value]| -> Vec<(String, String)> {
+        assert_eq!(lines.last().map(|l| l["end"].clone()), Some("OK".into()));
+        lines
+            .iter()
+            .filter(|l| l.get("flow").is_some())
+            .map(|l| {
+                (
+                    l["flow"]["node_name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    l["flow"]["uuid"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let ours = |rs: &[lumen_proto::observer::GetFlowsResponse]| -> Vec<(String, String)> {
+        flows_of(rs)
+            .into_iter()
+            .map(|f| (f.node_name, f.uuid))
+            .collect()
+    };
+
+    let all = stock(vec![
+        addr.clone(),
+        "flows".into(),
+        r#"{"number": "1000"}"#.into(),
+    ])
+    .await;
+    let want = ours(
+        &get_all(
+            &mut c,
+            GetFlowsRequest {
+                number: 1000,
+                ..Default::default()
+            },
+        )
+        .await,
+    );
+    assert_eq!(want.len(), 120);
+    assert_eq!(stock_flows(&all), want, "same flows, same order");
+
+    let filtered = stock(vec![
+        addr.clone(),
+        "flows".into(),
+        r#"{"number": "1000", "whitelist": [{"node_name": ["node-b"]}]}"#.into(),
+    ])
+    .await;
+    let got = stock_flows(&filtered);
+    assert_eq!(got.len(), 40);
+    assert!(got.iter().all(|(n, _)| n == "node-b"), "{got:?}");
+
+    let refused = stock(vec![
+        addr.clone(),
+        "flows".into(),
+        r#"{"whitelist": [{"node_labels": ["zone=a"]}]}"#.into(),
+    ])
+    .await;
+    assert_eq!(refused[0]["error"], "INVALID_ARGUMENT", "{refused:?}");
+    assert!(
+        refused[0]["details"]
+            .as_str()
+            .is_some_and(|d| d.contains("node_labels")),
+        "{refused:?}"
+    );
+
+    let status = stock(vec![addr.clone(), "status".into()]).await;
+    assert_eq!(status[0]["num_connected_nodes"], 3, "{status:?}");
+    let listed = stock(vec![addr, "nodes".into()]).await;
+    let mut names: Vec<&str> = listed[0]["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["name"].as_str())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["node-a", "node-b", "node-c"]);
+    relay.shutdown().await;
+}

@@ -28,12 +28,14 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
 
 /// Python packages for independent test peers: chDB (ClickHouse 26.x in-process, for the
 /// modern schema and queries), grpcio + opentelemetry-proto (an OTLP receiver that is not
-/// Lumen's code). (import name, pip requirement)
+/// Lumen's code), grpcio-reflection (a stock Observer client that learns the API from gRPC
+/// reflection). (import name, pip requirement)
 pub const PYTHON_PACKAGES: &[(&str, &str)] = &[
     ("chdb", "chdb"),
     ("grpc", "grpcio"),
     ("opentelemetry.proto", "opentelemetry-proto"),
     ("google.protobuf", "protobuf"),
+    ("grpc_reflection", "grpcio-reflection"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
