@@ -160,10 +160,11 @@ pub enum ListCommand {
 /// builds it; `--not` moves the next filter flag into the blacklist.
 #[derive(Debug, Args, Default)]
 pub struct ObserveArgs {
-    /// Get the last N flows (default 20 unless --follow, --since or --until).
+    /// Get the last N flows (default 20 unless --follow, --since or --until; 0 is the
+    /// default, as in Hubble).
     #[arg(long, value_name = "N", help_heading = "Selection")]
     pub last: Option<u64>,
-    /// Get the first N flows.
+    /// Get the first N flows (0: as if not given, as in Hubble).
     #[arg(long, value_name = "N", conflicts_with_all = ["last", "all", "follow"], help_heading = "Selection")]
     pub first: Option<u64>,
     /// Get all flows in the server's ring.

@@ -52,6 +52,37 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         .to_lowercase()
 }
 
+/// A call the CLI makes, as error messages name it.
+#[derive(Debug, Clone, Copy)]
+pub struct Call {
+    /// What the call asks for, e.g. "flows (Observer.GetFlows)".
+    pub what: &'static str,
+    /// The likely reason a server does not serve it.
+    pub hint: Option<&'static str>,
+}
+
+/// Policies and identities come from a node exporter's PolicyInspector; a relay has none.
+const PER_NODE: &str = "a relay? policies and identities are per node: use --server <node>:4244";
+
+impl Call {
+    pub const FLOWS: Self = Self::new("flows (Observer.GetFlows)", None);
+    pub const STATUS: Self = Self::new("server status (Observer.ServerStatus)", None);
+    pub const NODES: Self = Self::new("the node list (Observer.GetNodes)", None);
+    pub const POLICIES: Self = Self::new("policies (PolicyInspector.ListPolicies)", Some(PER_NODE));
+    pub const POLICY_MAP: Self = Self::new(
+        "policy maps (PolicyInspector.DumpPolicyMap)",
+        Some(PER_NODE),
+    );
+    pub const IDENTITIES: Self = Self::new(
+        "identities (PolicyInspector.ListIdentities)",
+        Some(PER_NODE),
+    );
+
+    const fn new(what: &'static str, hint: Option<&'static str>) -> Self {
+        Self { what, hint }
+    }
+}
+
 /// A connection to the server: the channel, and what to say when a call on it fails.
 #[derive(Debug)]
 pub struct Connected {
@@ -60,23 +91,47 @@ pub struct Connected {
     /// With TLS: the connector and the URI it dials, to ask why a connection died.
     tls: Option<(TlsConnector, Uri)>,
     timeout: Duration,
+    /// `--timeout` after connecting began: connecting, the HTTP/2 handshake and the
+    /// first answer must all be done by then.
+    deadline: tokio::time::Instant,
     /// Whether a call has succeeded: a connection lost after that is not about TLS.
     answered: AtomicBool,
 }
 
 impl Connected {
+    /// Makes a call whose answer (a unary response, or a stream's response headers)
+    /// must come before the connection's `--timeout` deadline; what follows on a stream
+    /// is not bounded. Errors as [`Connected::check`].
+    pub async fn call<T>(
+        &self,
+        call: Call,
+        answer: impl std::future::Future<Output = Result<T, tonic::Status>>,
+    ) -> Result<T, CliError> {
+        match tokio::time::timeout_at(self.deadline, answer).await {
+            Ok(result) => self.check(call, result).await,
+            Err(_) => Err(CliError::NoAnswer {
+                server: self.server.clone(),
+                timeout: self.timeout,
+            }),
+        }
+    }
+
     /// The call's result, or a one-line error naming the TLS reason when there is one.
-    pub async fn check<T>(&self, result: Result<T, tonic::Status>) -> Result<T, CliError> {
+    pub async fn check<T>(
+        &self,
+        call: Call,
+        result: Result<T, tonic::Status>,
+    ) -> Result<T, CliError> {
         match result {
             Ok(v) => {
                 self.answered.store(true, Ordering::Relaxed);
                 Ok(v)
             }
-            Err(s) => Err(self.error(s).await),
+            Err(s) => Err(self.error(call, s).await),
         }
     }
 
-    async fn error(&self, s: tonic::Status) -> CliError {
+    async fn error(&self, call: Call, s: tonic::Status) -> CliError {
         let connect = |reason: String| CliError::Connect {
             server: self.server.clone(),
             reason,
@@ -104,7 +159,7 @@ impl Connected {
             }
             _ => {}
         }
-        status_error(&self.server, s)
+        status_error(&self.server, call, s)
     }
 }
 
@@ -157,6 +212,7 @@ pub async fn connect_channel(
         }
     }
     .connect_timeout(timeout);
+    let deadline = tokio::time::Instant::now() + timeout;
     let tls = client_tls.map(|t| (t.connector(), endpoint.uri().clone()));
     let connecting = async {
         match &tls {
@@ -164,7 +220,7 @@ pub async fn connect_channel(
             Some((connector, _)) => endpoint.connect_with_connector(connector.clone()).await,
         }
     };
-    let channel = match tokio::time::timeout(timeout, connecting).await {
+    let channel = match tokio::time::timeout_at(deadline, connecting).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return Err(fail(root_cause(&e))),
         Err(_) => {
@@ -179,11 +235,13 @@ pub async fn connect_channel(
         server: server.to_owned(),
         tls,
         timeout,
+        deadline,
         answered: AtomicBool::new(false),
     })
 }
 
-pub fn status_error(server: &str, s: tonic::Status) -> CliError {
+/// A gRPC error status as one line, naming the server and the call where that helps.
+pub fn status_error(server: &str, call: Call, s: tonic::Status) -> CliError {
     let msg = s.message().replace('\n', " ");
     match s.code() {
         tonic::Code::InvalidArgument => CliError::Server(format!("invalid argument: {msg}")),
@@ -196,7 +254,14 @@ pub fn status_error(server: &str, s: tonic::Status) -> CliError {
             },
         },
         tonic::Code::Unimplemented => {
-            CliError::Server(format!("the server does not implement this call: {msg}"))
+            let mut text = format!("{server} does not serve {}", call.what);
+            if !msg.is_empty() {
+                text.push_str(&format!(": {msg}"));
+            }
+            if let Some(hint) = call.hint {
+                text.push_str(&format!(" ({hint})"));
+            }
+            CliError::Server(text)
         }
         code => CliError::Server(format!("server error ({code:?}): {msg}")),
     }
@@ -212,7 +277,10 @@ pub async fn observe(cli: &Cli, args: &ObserveArgs, flags: &[FilterFlag]) -> Res
     let format: OutputFormat = args.output.parse().map_err(CliError::Usage)?;
     let req = build_request(args, flags, chrono::Utc::now())?;
     let (mut client, conn) = connect(&cli.server, cli.timeout, &cli.tls).await?;
-    let mut stream = conn.check(client.get_flows(req).await).await?.into_inner();
+    let mut stream = conn
+        .call(Call::FLOWS, client.get_flows(req))
+        .await?
+        .into_inner();
     let opts = FormatOptions {
         node_name: args.print_node_name,
         ..Default::default()
@@ -223,10 +291,18 @@ pub async fn observe(cli: &Cli, args: &ObserveArgs, flags: &[FilterFlag]) -> Res
             m = stream.message() => m,
             _ = tokio::signal::ctrl_c() => return Ok(()),
         };
-        match conn.check(next).await? {
+        match conn.check(Call::FLOWS, next).await? {
             Some(resp) => printer.write_response(&resp).map_err(CliError::Output)?,
             None => return Ok(()),
         }
+    }
+}
+
+/// "current/max (percent)" of a flow ring, the same in `status` and `nodes`.
+fn flows_ratio(num: u64, max: u64) -> String {
+    match lumen_proto::format::percent(num, max) {
+        Some(pct) => format!("{num}/{max} ({pct})"),
+        None => format!("{num}/{max}"),
     }
 }
 
@@ -239,19 +315,14 @@ fn fmt_uptime(ns: u64) -> String {
 pub async fn status(cli: &Cli) -> Result<(), CliError> {
     let (mut client, conn) = connect(&cli.server, cli.timeout, &cli.tls).await?;
     let s = conn
-        .check(client.server_status(ServerStatusRequest {}).await)
+        .call(Call::STATUS, client.server_status(ServerStatusRequest {}))
         .await?
         .into_inner();
     let mut out = io::stdout().lock();
-    let pct = if s.max_flows > 0 {
-        s.num_flows as f64 * 100.0 / s.max_flows as f64
-    } else {
-        0.0
-    };
     let mut text = format!("Healthcheck (via {}): Ok\n", cli.server);
     text.push_str(&format!(
-        "Current/Max Flows: {}/{} ({pct:.2}%)\n",
-        s.num_flows, s.max_flows
+        "Current/Max Flows: {}\n",
+        flows_ratio(s.num_flows, s.max_flows)
     ));
     text.push_str(&format!("Seen Flows: {}\n", s.seen_flows));
     text.push_str(&format!("Flows/s: {:.2}\n", s.flows_rate));
@@ -345,7 +416,7 @@ fn state_name(state: i32) -> &'static str {
 pub async fn nodes(cli: &Cli) -> Result<(), CliError> {
     let (mut client, conn) = connect(&cli.server, cli.timeout, &cli.tls).await?;
     let resp = conn
-        .check(client.get_nodes(GetNodesRequest {}).await)
+        .call(Call::NODES, client.get_nodes(GetNodesRequest {}))
         .await?
         .into_inner();
     let mut rows = vec![[
@@ -360,17 +431,12 @@ pub async fn nodes(cli: &Cli) -> Result<(), CliError> {
         "REASON".to_owned(),
     ]];
     for n in &resp.nodes {
-        let pct = if n.max_flows > 0 {
-            format!(" ({:.1}%)", n.num_flows as f64 * 100.0 / n.max_flows as f64)
-        } else {
-            String::new()
-        };
         rows.push([
             n.name.clone(),
             state_name(n.state).to_owned(),
             fmt_uptime(n.uptime_ns),
             n.seen_flows.to_string(),
-            format!("{}/{}{pct}", n.num_flows, n.max_flows),
+            flows_ratio(n.num_flows, n.max_flows),
             n.address.clone(),
             n.version.clone(),
             if n.tls.as_ref().is_some_and(|t| t.enabled) {

@@ -27,6 +27,13 @@ pub enum CliError {
     Tls(#[from] tls::TlsError),
     #[error("cannot connect to {server}: {reason}")]
     Connect { server: String, reason: String },
+    /// The server took the connection but sent no gRPC answer in time (not an
+    /// Observer API, or hung).
+    #[error("{server} did not answer within {} (--timeout)", humantime::format_duration(*.timeout))]
+    NoAnswer {
+        server: String,
+        timeout: std::time::Duration,
+    },
     #[error("{0}")]
     Server(String),
     #[error("cannot write output: {0}")]
@@ -77,14 +84,53 @@ where
     Ok(Parsed::Run(Box::new(Invocation { cli, filter_flags })))
 }
 
+/// A clap error as one line: the message with what clap lists under it (the missing
+/// arguments, a similar argument's name) and where to read more, without the usage block.
 fn one_line_clap_error(e: &clap::Error) -> String {
-    let rendered = e.render().to_string();
-    let first = rendered
-        .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("invalid arguments");
-    let msg = first.trim().strip_prefix("error: ").unwrap_or(first.trim());
-    format!("{msg} (see 'lumen --help')")
+    one_line_usage_error(&e.render().to_string())
+}
+
+/// See [`one_line_clap_error`]; takes clap's rendered (plain) text.
+pub(crate) fn one_line_usage_error(rendered: &str) -> String {
+    let mut msg = String::new();
+    let mut tips = Vec::new();
+    let mut help = "lumen".to_owned();
+    for line in rendered.lines().map(str::trim) {
+        if let Some(usage) = line.strip_prefix("Usage:") {
+            // "Usage: lumen policy dump --endpoint <ENDPOINT>": the command path.
+            let words: Vec<&str> = usage
+                .split_whitespace()
+                .take_while(|w| !w.starts_with(['-', '[', '<']))
+                .collect();
+            if !words.is_empty() {
+                help = words.join(" ");
+            }
+            break;
+        }
+        if line.is_empty() || line.starts_with("For more information") {
+            continue;
+        }
+        if let Some(tip) = line.strip_prefix("tip:") {
+            let tip = tip.trim();
+            // Lumen has no positional arguments a dash-value could be meant for.
+            if !tip.starts_with("to pass ") {
+                tips.push(format!("tip: {tip}"));
+            }
+            continue;
+        }
+        let line = line.strip_prefix("error:").map_or(line, str::trim);
+        if !msg.is_empty() {
+            msg.push(' ');
+        }
+        msg.push_str(line);
+    }
+    if msg.is_empty() {
+        msg.push_str("invalid arguments");
+    }
+    for tip in tips {
+        msg.push_str(&format!(" ({tip})"));
+    }
+    format!("{msg} (see '{help} --help')")
 }
 
 /// Filter flag occurrences sorted by position, each marked negated when a

@@ -10,7 +10,7 @@ use lumen_proto::policy::{
 
 use crate::{
     args::{Cli, PolicyCommand},
-    commands::{connect_channel, Connected},
+    commands::{connect_channel, Call, Connected},
     CliError,
 };
 
@@ -74,7 +74,10 @@ pub async fn policy(cli: &Cli, cmd: &PolicyCommand) -> Result<(), CliError> {
                 },
                 _ => ListPoliciesRequest::default(),
             };
-            let resp = conn.check(c.list_policies(req).await).await?.into_inner();
+            let resp = conn
+                .call(Call::POLICIES, c.list_policies(req))
+                .await?
+                .into_inner();
             let mut o = out();
             if matches!(cmd, PolicyCommand::List) {
                 writeln!(
@@ -126,11 +129,11 @@ pub async fn policy(cli: &Cli, cmd: &PolicyCommand) -> Result<(), CliError> {
         }
         PolicyCommand::Dump { endpoint } => {
             let resp = conn
-                .check(
+                .call(
+                    Call::POLICY_MAP,
                     c.dump_policy_map(DumpPolicyMapRequest {
                         endpoint: endpoint.clone(),
-                    })
-                    .await,
+                    }),
                 )
                 .await?
                 .into_inner();
@@ -179,7 +182,10 @@ pub async fn policy(cli: &Cli, cmd: &PolicyCommand) -> Result<(), CliError> {
 pub async fn identities(cli: &Cli) -> Result<(), CliError> {
     let (mut c, conn) = client(cli).await?;
     let resp = conn
-        .check(c.list_identities(ListIdentitiesRequest {}).await)
+        .call(
+            Call::IDENTITIES,
+            c.list_identities(ListIdentitiesRequest {}),
+        )
         .await?
         .into_inner();
     let w = |e: std::io::Error| CliError::Output(e);

@@ -10,6 +10,7 @@
 
 use chrono::{DateTime, Utc};
 use lumen_proto::event_type;
+use lumen_proto::filter::{FilterError, FlowFilters};
 use lumen_proto::flow::{
     EventTypeFilter, FlowFilter, IpVersion, TcpFlags, TrafficDirection, Verdict,
 };
@@ -32,21 +33,36 @@ pub struct FilterFlag {
     pub negated: bool,
 }
 
-/// A flag value that cannot become a filter.
+/// Flags that cannot become a request: caught before connecting, and reported with
+/// the user's flag names.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid value {value:?} for --{flag}: {reason}")]
-pub struct RequestError {
-    pub flag: String,
-    pub value: String,
-    pub reason: String,
+pub enum RequestError {
+    /// A flag value that cannot become a filter or a time.
+    #[error("invalid value {value:?} for --{flag}: {reason}")]
+    Value {
+        flag: String,
+        value: String,
+        reason: String,
+    },
+    /// An empty time range (the server would refuse it).
+    #[error("--since {since} is after --until {until}")]
+    TimeRange { since: String, until: String },
+    /// A filter the filter compiler refuses that no flag can be blamed for.
+    #[error("invalid filter: {0}")]
+    Filter(#[source] FilterError),
 }
 
 fn err(id: &str, value: &str, reason: impl Into<String>) -> RequestError {
-    RequestError {
-        flag: id.replace('_', "-").replace("event-type", "type"),
+    RequestError::Value {
+        flag: flag_name(id),
         value: value.to_owned(),
         reason: reason.into(),
     }
+}
+
+/// The command-line name of a clap id (`from_ip` -> `from-ip`, `event_type` -> `type`).
+fn flag_name(id: &str) -> String {
+    id.replace('_', "-").replace("event-type", "type")
 }
 
 #[derive(Debug, Default)]
@@ -262,7 +278,71 @@ pub fn build_filters(
             other => return Err(err(other, &v, "not a filter flag")),
         }
     }
-    Ok((white.into_filters(), black.into_filters()))
+    let (white, black) = (white.into_filters(), black.into_filters());
+    // What the server will compile, compiled here first: a bad CIDR, label selector,
+    // protocol or node pattern is reported by flag, before connecting.
+    FlowFilters::compile(&white, &black).map_err(|e| filter_error(flags, e))?;
+    Ok((white, black))
+}
+
+/// The flags that fill a FlowFilter field.
+fn flags_of_field(field: &str) -> &'static [&'static str] {
+    match field {
+        "source_ip" => &["from_ip", "ip"],
+        "destination_ip" => &["to_ip", "ip"],
+        "source_pod" => &["from_pod", "pod", "from_namespace", "namespace"],
+        "destination_pod" => &["to_pod", "pod", "to_namespace", "namespace"],
+        "source_label" => &["from_label", "label"],
+        "destination_label" => &["to_label", "label"],
+        "source_port" => &["from_port", "port"],
+        "destination_port" => &["to_port", "port"],
+        "protocol" => &["protocol"],
+        "node_name" => &["node_name"],
+        "verdict" => &["verdict"],
+        "traffic_direction" => &["traffic_direction"],
+        "ip_version" => &["ipv4", "ipv6"],
+        _ => &[],
+    }
+}
+
+/// A filter compiler error told with the flag whose value it is: the first flag that
+/// fills the field and whose value became the offending one (a pod gets its
+/// namespace, a namespace a trailing '/', a protocol is lowercased).
+fn filter_error(flags: &[FilterFlag], e: FilterError) -> RequestError {
+    let FilterError::Invalid {
+        field,
+        value,
+        reason,
+    } = &e
+    else {
+        return RequestError::Filter(e);
+    };
+    let became = |f: &FilterFlag| {
+        *value == f.value
+            || value.eq_ignore_ascii_case(&f.value)
+            || value.strip_suffix('/') == Some(f.value.as_str())
+            || value
+                .rsplit_once('/')
+                .is_some_and(|(_, pod)| !f.value.contains('/') && pod == f.value)
+    };
+    let ids = flags_of_field(field);
+    match flags.iter().find(|f| ids.contains(&f.id) && became(f)) {
+        Some(f) => err(f.id, &f.value, reason.clone()),
+        None => RequestError::Filter(e),
+    }
+}
+
+/// A time for messages: RFC 3339, to the second unless that hides the difference.
+fn rfc3339(t: &prost_types::Timestamp, fraction: bool) -> String {
+    let format = if fraction {
+        chrono::SecondsFormat::AutoSi
+    } else {
+        chrono::SecondsFormat::Secs
+    };
+    DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)).map_or_else(
+        || format!("{}s", t.seconds),
+        |d| d.to_rfc3339_opts(format, true),
+    )
 }
 
 /// Builds the request for `lumen observe`; `now` anchors relative times.
@@ -282,11 +362,22 @@ pub fn build_request(
         .as_deref()
         .map(|s| parse_time(s, now).map_err(|e| err("until", s, e)))
         .transpose()?;
+    if let (Some(s), Some(u)) = (&since, &until) {
+        if (s.seconds, s.nanos) > (u.seconds, u.nanos) {
+            let fraction = s.seconds == u.seconds;
+            return Err(RequestError::TimeRange {
+                since: rfc3339(s, fraction),
+                until: rfc3339(u, fraction),
+            });
+        }
+    }
+    // As in Hubble, `--first 0` and `--last 0` are no count at all: the default
+    // applies (20 flows, or none before `--follow` or a time range).
     let (number, first) = if args.all {
         (u64::MAX, false)
-    } else if let Some(n) = args.first {
+    } else if let Some(n) = args.first.filter(|n| *n > 0) {
         (n, true)
-    } else if let Some(n) = args.last {
+    } else if let Some(n) = args.last.filter(|n| *n > 0) {
         (n, false)
     } else if args.follow || since.is_some() || until.is_some() {
         (0, false)

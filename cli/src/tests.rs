@@ -7,6 +7,7 @@ use lumen_proto::flow::{
 };
 use lumen_proto::observer::GetFlowsRequest;
 
+use crate::request::DEFAULT_LAST;
 use crate::{build_request, parse, Command, Parsed};
 
 fn now() -> chrono::DateTime<Utc> {
@@ -373,4 +374,170 @@ fn tls_flags_are_global_with_hubble_forms() {
     assert!(tls_args(&["observe", "--tls-allow-insecure"]).tls_allow_insecure);
     assert!(tls_args(&["--tls", "nodes"]).tls);
     assert!(!tls_args(&["nodes"]).tls);
+}
+
+#[test]
+fn last_or_first_zero_is_hubbles_default() {
+    // Hubble's getFlowsRequest: a zero count is no count; without --follow or a time
+    // range that means the last 20.
+    assert_eq!(request(&["--last", "0"]).number, DEFAULT_LAST);
+    let r = request(&["--first", "0"]);
+    assert_eq!((r.number, r.first), (DEFAULT_LAST, false));
+    let r = request(&["--last", "0", "--follow"]);
+    assert_eq!((r.number, r.follow), (0, true));
+    assert_eq!(request(&["--last", "0", "--since", "5m"]).number, 0);
+}
+
+#[test]
+fn since_after_until_is_caught_with_readable_times() {
+    let e = request_err(&[
+        "--since",
+        "2024-05-01T12:00:00Z",
+        "--until",
+        "2024-05-01T11:00:00Z",
+    ]);
+    assert_eq!(
+        e,
+        "--since 2024-05-01T12:00:00Z is after --until 2024-05-01T11:00:00Z"
+    );
+    // Relative times are anchored at now (12:00:00).
+    assert_eq!(
+        request_err(&["--since", "1m", "--until", "2m"]),
+        "--since 2024-05-01T11:59:00Z is after --until 2024-05-01T11:58:00Z"
+    );
+    // Within one second, the fraction tells them apart.
+    assert_eq!(
+        request_err(&[
+            "--since",
+            "2024-05-01T12:00:00.5Z",
+            "--until",
+            "2024-05-01T12:00:00.25Z"
+        ]),
+        "--since 2024-05-01T12:00:00.500Z is after --until 2024-05-01T12:00:00.250Z"
+    );
+    // Equal bounds are a valid (one-instant) range.
+    request(&[
+        "--since",
+        "2024-05-01T12:00:00Z",
+        "--until",
+        "2024-05-01T12:00:00Z",
+    ]);
+}
+
+#[test]
+fn filter_values_are_checked_by_flag() {
+    for (args, want) in [
+        (
+            &["--ip", "notanip"][..],
+            r#"invalid value "notanip" for --ip: not an IP address"#,
+        ),
+        (
+            &["--verdict", "DROPPED", "--to-ip", "10.0.0.0/33"][..],
+            r#"invalid value "10.0.0.0/33" for --to-ip: not a CIDR"#,
+        ),
+        (
+            &["--not", "--from-ip", "10.0.0.300"][..],
+            r#"invalid value "10.0.0.300" for --from-ip"#,
+        ),
+        (
+            &["-l", "app in (a"][..],
+            r#"invalid value "app in (a" for --label: "#,
+        ),
+        (
+            &["--to-label", "!!"][..],
+            r#"invalid value "!!" for --to-label: "#,
+        ),
+        (
+            &["--protocol", "foo"][..],
+            r#"invalid value "foo" for --protocol: expected one of tcp"#,
+        ),
+        (
+            &["--node-name", "a/b/c"][..],
+            r#"invalid value "a/b/c" for --node-name: "#,
+        ),
+        (
+            &["--from-pod", "a/b/c"][..],
+            r#"invalid value "a/b/c" for --from-pod: "#,
+        ),
+        (
+            &["--to-namespace", ""][..],
+            r#"invalid value "" for --to-namespace: "#,
+        ),
+    ] {
+        let e = request_err(args);
+        assert!(e.starts_with(want), "{args:?}: {e}");
+        assert!(!e.contains("source_") && !e.contains("destination_"), "{e}");
+    }
+    // Valid values of the same flags pass.
+    request(&[
+        "--ip",
+        "fd00::1",
+        "--to-ip",
+        "10.0.0.0/8",
+        "-l",
+        "app in (a,b)",
+        "--protocol",
+        "ICMPv6",
+        "--node-name",
+        "cluster/node-*",
+    ]);
+}
+
+#[test]
+fn clap_errors_keep_what_they_list() {
+    let usage = |args: &[&str]| match parse(args.iter().copied()) {
+        Err(crate::CliError::Usage(m)) => m,
+        other => panic!("{args:?}: expected a usage error, got {other:?}"),
+    };
+    assert_eq!(
+        usage(&["lumen", "policy", "dump"]),
+        "the following required arguments were not provided: --endpoint <ENDPOINT> \
+         (see 'lumen policy dump --help')"
+    );
+    assert_eq!(
+        usage(&["lumen", "observe", "--verdit", "DROPPED"]),
+        "unexpected argument '--verdit' found (tip: a similar argument exists: '--verdict') \
+         (see 'lumen observe --help')"
+    );
+    assert_eq!(
+        usage(&["lumen", "observe", "--bogus"]),
+        "unexpected argument '--bogus' found (see 'lumen observe --help')"
+    );
+    let e = usage(&["lumen", "observe", "--last", "many"]);
+    assert!(
+        e.starts_with("invalid value 'many' for '--last <N>': "),
+        "{e}"
+    );
+    let e = usage(&["lumen", "status", "--timeout", "soon"]);
+    assert!(
+        e.starts_with("invalid value 'soon' for '--timeout <TIMEOUT>': invalid duration"),
+        "{e}"
+    );
+    assert!(usage(&["lumen", "frobnicate"]).starts_with("unrecognized subcommand 'frobnicate'"),);
+    assert!(usage(&["lumen", "observe", "--first", "1", "--follow"])
+        .starts_with("the argument '--first <N>' cannot be used with '--follow'"),);
+}
+
+#[test]
+fn unimplemented_calls_say_what_and_why() {
+    use crate::commands::{status_error, Call};
+    let e = status_error(
+        "relay:4245",
+        Call::POLICIES,
+        tonic::Status::unimplemented(""),
+    );
+    assert_eq!(
+        e.to_string(),
+        "relay:4245 does not serve policies (PolicyInspector.ListPolicies) \
+         (a relay? policies and identities are per node: use --server <node>:4244)"
+    );
+    let e = status_error(
+        "node:4244",
+        Call::NODES,
+        tonic::Status::unimplemented("namespaces"),
+    );
+    assert_eq!(
+        e.to_string(),
+        "node:4244 does not serve the node list (Observer.GetNodes): namespaces"
+    );
 }

@@ -321,7 +321,9 @@ fn mutual_tls_with_the_right_flags_serves_every_command() {
     let out = lumen(&with_server(&["identity", "list"], &flags, &addr));
     let err = one_line_failure(&out);
     assert!(
-        err.starts_with("lumen: the server does not implement this call"),
+        err.starts_with(&format!(
+            "lumen: {addr} does not serve identities (PolicyInspector.ListIdentities)"
+        )),
         "{err}"
     );
     let err = one_line_failure(&lumen(&with_server(

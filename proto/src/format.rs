@@ -508,33 +508,147 @@ pub fn summary(flow: &Flow) -> String {
         },
         Some(Protocol::Udp(_)) => "UDP".to_owned(),
         Some(Protocol::Sctp(_)) => "SCTP".to_owned(),
-        Some(Protocol::IcmPv4(i)) => format!("ICMPv4 {}", icmpv4_type(i.r#type)),
-        Some(Protocol::IcmPv6(i)) => format!("ICMPv6 {}", icmpv6_type(i.r#type)),
+        Some(Protocol::IcmPv4(i)) => format!("ICMPv4 {}", icmpv4_type(i.r#type, i.code)),
+        Some(Protocol::IcmPv6(i)) => format!("ICMPv6 {}", icmpv6_type(i.r#type, i.code)),
         None => String::new(),
     }
 }
 
-fn icmpv4_type(t: u32) -> String {
-    match t {
-        0 => "EchoReply".into(),
-        3 => "DestinationUnreachable".into(),
-        5 => "Redirect".into(),
-        8 => "EchoRequest".into(),
-        11 => "TimeExceeded".into(),
-        other => format!("type {other}"),
+/// An ICMP type and code as Hubble prints them: gopacket's `ICMPv4TypeCode` /
+/// `ICMPv6TypeCode` `String()` (`EchoRequest`, `DestinationUnreachable(Port)`,
+/// `Redirect(Code: 9)`, and `143(0)` for a type gopacket has no name for).
+/// A type without code names does not use the code (printed only when not 0).
+fn icmp_type_code(names: &[IcmpName], t: u32, code: u32) -> String {
+    let Some((_, name, codes)) = names.iter().find(|(n, _, _)| *n == t) else {
+        return format!("{t}({code})");
+    };
+    if codes.is_empty() {
+        return if code == 0 {
+            (*name).to_owned()
+        } else {
+            format!("{name}(Code: {code})")
+        };
+    }
+    match codes.iter().find(|(c, _)| *c == code) {
+        Some((_, code_name)) => format!("{name}({code_name})"),
+        None => format!("{name}(Code: {code})"),
     }
 }
 
-fn icmpv6_type(t: u32) -> String {
-    match t {
-        1 => "DestinationUnreachable".into(),
-        3 => "TimeExceeded".into(),
-        128 => "EchoRequest".into(),
-        129 => "EchoReply".into(),
-        135 => "NeighborSolicitation".into(),
-        136 => "NeighborAdvertisement".into(),
-        other => format!("type {other}"),
-    }
+/// An ICMP type, its name, and the names of its codes.
+type IcmpName = (u32, &'static str, &'static [(u32, &'static str)]);
+
+/// gopacket's ICMPv4 names (layers/icmp4.go).
+const ICMPV4: &[IcmpName] = &[
+    (0, "EchoReply", &[]),
+    (
+        3,
+        "DestinationUnreachable",
+        &[
+            (0, "Net"),
+            (1, "Host"),
+            (2, "Protocol"),
+            (3, "Port"),
+            (4, "FragmentationNeeded"),
+            (5, "SourceRoutingFailed"),
+            (6, "NetUnknown"),
+            (7, "HostUnknown"),
+            (8, "SourceIsolated"),
+            (9, "NetAdminProhibited"),
+            (10, "HostAdminProhibited"),
+            (11, "NetTOS"),
+            (12, "HostTOS"),
+            (13, "CommAdminProhibited"),
+            (14, "HostPrecedence"),
+            (15, "PrecedenceCutoff"),
+        ],
+    ),
+    (4, "SourceQuench", &[]),
+    (
+        5,
+        "Redirect",
+        &[(0, "Net"), (1, "Host"), (2, "TOS+Net"), (3, "TOS+Host")],
+    ),
+    (8, "EchoRequest", &[]),
+    (9, "RouterAdvertisement", &[]),
+    (10, "RouterSolicitation", &[]),
+    (
+        11,
+        "TimeExceeded",
+        &[(0, "TTLExceeded"), (1, "FragmentReassemblyTimeExceeded")],
+    ),
+    (
+        12,
+        "ParameterProblem",
+        &[
+            (0, "PointerIndicatesError"),
+            (1, "MissingOption"),
+            (2, "BadLength"),
+        ],
+    ),
+    (13, "TimestampRequest", &[]),
+    (14, "TimestampReply", &[]),
+    (15, "InfoRequest", &[]),
+    (16, "InfoReply", &[]),
+    (17, "AddressMaskRequest", &[]),
+    (18, "AddressMaskReply", &[]),
+];
+
+/// gopacket's ICMPv6 names (layers/icmp6.go). It names no MLD message (130-132, 143),
+/// so Hubble prints those as `130(0)` ... `143(0)`, and so does Lumen.
+const ICMPV6: &[IcmpName] = &[
+    (
+        1,
+        "DestinationUnreachable",
+        &[
+            (0, "NoRouteToDst"),
+            (1, "AdminProhibited"),
+            (2, "BeyondScopeOfSrc"),
+            (3, "AddressUnreachable"),
+            (4, "PortUnreachable"),
+            (5, "SrcAddressFailedPolicy"),
+            (6, "RejectRouteToDst"),
+        ],
+    ),
+    (2, "PacketTooBig", &[]),
+    (
+        3,
+        "TimeExceeded",
+        &[
+            (0, "HopLimitExceeded"),
+            (1, "FragmentReassemblyTimeExceeded"),
+        ],
+    ),
+    (
+        4,
+        "ParameterProblem",
+        &[
+            (0, "ErroneousHeaderField"),
+            (1, "UnrecognizedNextHeader"),
+            (2, "UnrecognizedIPv6Option"),
+        ],
+    ),
+    (128, "EchoRequest", &[]),
+    (129, "EchoReply", &[]),
+    (133, "RouterSolicitation", &[]),
+    (134, "RouterAdvertisement", &[]),
+    (135, "NeighborSolicitation", &[]),
+    (136, "NeighborAdvertisement", &[]),
+    (137, "Redirect", &[]),
+];
+
+fn icmpv4_type(t: u32, code: u32) -> String {
+    icmp_type_code(ICMPV4, t, code)
+}
+
+fn icmpv6_type(t: u32, code: u32) -> String {
+    icmp_type_code(ICMPV6, t, code)
+}
+
+/// `part` as a percentage of `whole` with two decimals, as `hubble status` and
+/// `hubble list nodes` print a flow ring's fill (`0.10%`); `None` when `whole` is 0.
+pub fn percent(part: u64, whole: u64) -> Option<String> {
+    (whole > 0).then(|| format!("{:.2}%", part as f64 * 100.0 / whole as f64))
 }
 
 fn lumen_kind(flow: &Flow) -> Option<&'static str> {

@@ -483,3 +483,44 @@ fn stock_unsupported_filter_bytes_are_rejected() {
         }
     );
 }
+
+fn icmp_summary(protocol: layer4::Protocol) -> String {
+    format::summary(&Flow {
+        l4: Some(Layer4 {
+            protocol: Some(protocol),
+        }),
+        ..Default::default()
+    })
+}
+
+#[test]
+fn icmp_summaries_are_hubbles() {
+    // Hubble's summary is "ICMPv6 " + gopacket's ICMPv6TypeCode.String() (layers/icmp6.go).
+    let v6 = |t, code| icmp_summary(layer4::Protocol::IcmPv6(IcmPv6 { r#type: t, code }));
+    assert_eq!(v6(133, 0), "ICMPv6 RouterSolicitation");
+    assert_eq!(v6(134, 0), "ICMPv6 RouterAdvertisement");
+    assert_eq!(v6(135, 0), "ICMPv6 NeighborSolicitation");
+    assert_eq!(v6(136, 0), "ICMPv6 NeighborAdvertisement");
+    assert_eq!(v6(137, 0), "ICMPv6 Redirect");
+    assert_eq!(v6(2, 0), "ICMPv6 PacketTooBig");
+    assert_eq!(v6(128, 0), "ICMPv6 EchoRequest");
+    assert_eq!(v6(1, 4), "ICMPv6 DestinationUnreachable(PortUnreachable)");
+    assert_eq!(v6(1, 9), "ICMPv6 DestinationUnreachable(Code: 9)");
+    assert_eq!(v6(129, 1), "ICMPv6 EchoReply(Code: 1)");
+    // gopacket names no MLD message: MLDv2 reports (143) print as type(code).
+    assert_eq!(v6(143, 0), "ICMPv6 143(0)");
+    let v4 = |t, code| icmp_summary(layer4::Protocol::IcmPv4(IcmPv4 { r#type: t, code }));
+    assert_eq!(v4(8, 0), "ICMPv4 EchoRequest");
+    assert_eq!(v4(0, 0), "ICMPv4 EchoReply");
+    assert_eq!(v4(3, 3), "ICMPv4 DestinationUnreachable(Port)");
+    assert_eq!(v4(11, 0), "ICMPv4 TimeExceeded(TTLExceeded)");
+    assert_eq!(v4(42, 7), "ICMPv4 42(7)");
+}
+
+#[test]
+fn percent_has_two_decimals_like_hubble() {
+    assert_eq!(format::percent(3, 400).as_deref(), Some("0.75%"));
+    assert_eq!(format::percent(4, 4095).as_deref(), Some("0.10%"));
+    assert_eq!(format::percent(4095, 4095).as_deref(), Some("100.00%"));
+    assert_eq!(format::percent(1, 0), None);
+}
