@@ -364,6 +364,11 @@ fn filter_cond(flavor: Flavor, f: &FlowFilter) -> Cond {
             .event_type
             .iter()
             .map(|e| {
+                // A policy verdict is a record's role (`is_policy_verdict`), not its stored
+                // type: left to the matcher.
+                if e.r#type == lumen_proto::event_type::POLICY_VERDICT && !e.match_sub_type {
+                    return Cond::relaxed();
+                }
                 let mut cond = if e.match_sub_type {
                     Cond::exact(
                         "event_type = ? AND event_sub_type = ?",

@@ -360,6 +360,32 @@ fn audit_reports_would_be_denials_and_switching_to_enforce_breaks_nothing_allowe
         api_audit.is_empty(),
         "allowed traffic reported as AUDIT: {api_audit:?}"
     );
+    // Hubble's way of watching an audit rollout: `--type policy-verdict` gives each
+    // connection's verdict, the would-be denial and the allowed one.
+    let verdicts = pl.flows(&["--type", "policy-verdict", "--to-port", "6379"]);
+    let verdict_of = |pod: &str| {
+        verdicts
+            .iter()
+            .filter(|f| {
+                f["source"]["pod_name"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with(pod))
+            })
+            .map(|f| f["verdict"].as_str().unwrap_or_default().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        verdict_of("web").contains(&"AUDIT".to_owned()),
+        "{verdicts:?}"
+    );
+    assert!(
+        verdict_of("api").contains(&"FORWARDED".to_owned()),
+        "{verdicts:?}"
+    );
+    assert!(
+        verdicts.iter().all(|f| f["lumen_event_kind"] == "FLOW_NEW"),
+        "only connections' first records: {verdicts:?}"
+    );
 
     // Switch to enforce while an allowed connection is busy: it must not break.
     let api = pl.api.clone();

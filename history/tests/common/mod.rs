@@ -699,6 +699,21 @@ pub fn reader_cases(start: i64) -> Vec<(&'static str, HistoryQuery)> {
         ),
         ("all", HistoryQuery::default()),
         (
+            "policy verdicts (left to the matcher)",
+            HistoryQuery {
+                whitelist: vec![FlowFilter {
+                    event_type: vec![lumen_proto::flow::EventTypeFilter {
+                        r#type: lumen_proto::event_type::POLICY_VERDICT,
+                        match_sub_type: false,
+                        sub_type: 0,
+                    }],
+                    ..Default::default()
+                }],
+                limit: Some(15),
+                ..Default::default()
+            },
+        ),
+        (
             "dropped with a reason",
             HistoryQuery {
                 whitelist: vec![FlowFilter {

@@ -250,6 +250,31 @@ impl FlowFilters {
     }
 }
 
+/// Whether `flow` is a connection's policy verdict, which Hubble users select with
+/// `--type policy-verdict`. Lumen reports a connection's policy decision in the record of
+/// its first packet (FLOW_NEW, or FLOW_DROP when that packet was dropped) rather than in a
+/// separate PolicyVerdict event, so that record (a trace or drop event) is the verdict: one
+/// of a connection that a policy decided (a rule named as allowing or denying it, an audit
+/// verdict, or a policy drop). Every policy drop report counts, as Cilium notifies a
+/// verdict for every denied packet.
+pub fn is_policy_verdict(flow: &Flow) -> bool {
+    use crate::flow::{DropReason, LumenEventKind, Verdict};
+    let kind = flow.lumen_event_kind;
+    let policy_drop = flow.verdict == Verdict::Dropped as i32
+        && (flow.drop_reason_desc == DropReason::PolicyDenied as i32
+            || flow.drop_reason_desc == DropReason::PolicyDeny as i32);
+    if kind == LumenEventKind::FlowDrop as i32 {
+        return policy_drop;
+    }
+    kind == LumenEventKind::FlowNew as i32
+        && (policy_drop
+            || flow.verdict == Verdict::Audit as i32
+            || !flow.ingress_allowed_by.is_empty()
+            || !flow.egress_allowed_by.is_empty()
+            || !flow.ingress_denied_by.is_empty()
+            || !flow.egress_denied_by.is_empty())
+}
+
 fn endpoint(flow: &Flow, side: Side) -> Option<&Endpoint> {
     match side {
         Side::Source => flow.source.as_ref(),
@@ -636,9 +661,13 @@ fn check(c: &Check, flow: &Flow) -> bool {
         }),
         Check::TrafficDirection(dirs) => dirs.contains(&flow.traffic_direction),
         Check::Verdict(vs) => vs.contains(&flow.verdict),
-        Check::EventType(ets) => flow.event_type.as_ref().is_some_and(|et| {
-            ets.iter()
-                .any(|f| f.r#type == et.r#type && (!f.match_sub_type || f.sub_type == et.sub_type))
+        Check::EventType(ets) => ets.iter().any(|f| {
+            let same = flow.event_type.as_ref().is_some_and(|et| {
+                f.r#type == et.r#type && (!f.match_sub_type || f.sub_type == et.sub_type)
+            });
+            same || (f.r#type == crate::event_type::POLICY_VERDICT
+                && !f.match_sub_type
+                && is_policy_verdict(flow))
         }),
         Check::HttpStatus(codes) => http().is_some_and(|h| {
             let code = h.code.to_string();

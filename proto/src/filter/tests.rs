@@ -808,3 +808,96 @@ fn empty_experimental_is_no_filter() {
     });
     assert!(f.matches(&web_to_db()) && f.matches(&world_to_dns()));
 }
+
+/// `--type policy-verdict` selects the records that carry a connection's policy decision
+/// (its first packet's record, or a policy drop), whatever their own monitor type.
+#[test]
+fn policy_verdict_type_selects_records_that_carry_a_policy_decision() {
+    use crate::flow::{LumenEventKind, Policy};
+    let pv = one(FlowFilter {
+        event_type: vec![EventTypeFilter {
+            r#type: crate::event_type::POLICY_VERDICT,
+            match_sub_type: false,
+            sub_type: 0,
+        }],
+        ..Default::default()
+    });
+    let rule = || {
+        vec![Policy {
+            name: "allow-api".into(),
+            namespace: "prod".into(),
+            ..Default::default()
+        }]
+    };
+    let with = |kind: LumenEventKind, verdict: Verdict, reason: DropReason, allowed: bool| {
+        let mut f = web_to_db();
+        f.lumen_event_kind = kind as i32;
+        f.verdict = verdict as i32;
+        f.drop_reason_desc = reason as i32;
+        f.event_type = Some(CiliumEventType {
+            r#type: if verdict == Verdict::Dropped { 1 } else { 4 },
+            sub_type: 5,
+        });
+        if allowed {
+            f.egress_allowed_by = rule();
+        }
+        f
+    };
+    use DropReason::{PolicyDenied, PolicyDeny, Unknown};
+    use LumenEventKind::{FlowDrop, FlowNew, FlowTcpFlags, FlowUpdate};
+    for (f, want, what) in [
+        (
+            with(FlowNew, Verdict::Forwarded, Unknown, true),
+            true,
+            "allowed by a rule",
+        ),
+        (
+            with(FlowNew, Verdict::Audit, PolicyDenied, false),
+            true,
+            "audited",
+        ),
+        (
+            with(FlowNew, Verdict::Dropped, PolicyDenied, false),
+            true,
+            "default deny",
+        ),
+        (
+            with(FlowDrop, Verdict::Dropped, PolicyDeny, false),
+            true,
+            "a later policy drop",
+        ),
+        (
+            with(FlowNew, Verdict::Forwarded, Unknown, false),
+            false,
+            "no policy selects it",
+        ),
+        (
+            with(FlowTcpFlags, Verdict::Forwarded, Unknown, true),
+            false,
+            "not the first packet",
+        ),
+        (
+            with(FlowUpdate, Verdict::Audit, PolicyDenied, false),
+            false,
+            "an update",
+        ),
+        (
+            with(FlowDrop, Verdict::Dropped, Unknown, false),
+            false,
+            "a drop that is no policy's",
+        ),
+    ] {
+        assert_eq!(pv.matches(&f), want, "{what}");
+        assert_eq!(is_policy_verdict(&f), want, "{what}");
+    }
+    // The record's own type still matches as before.
+    let trace = one(FlowFilter {
+        event_type: vec![EventTypeFilter {
+            r#type: 4,
+            match_sub_type: false,
+            sub_type: 0,
+        }],
+        ..Default::default()
+    });
+    assert!(trace.matches(&with(FlowNew, Verdict::Forwarded, Unknown, true)));
+}
