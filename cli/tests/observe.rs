@@ -361,6 +361,12 @@ fn fixture() -> Vec<Flow> {
 
 /// Starts the test server on a free loopback port, in its own runtime thread.
 fn start_server() -> SocketAddr {
+    start_server_pinging(None)
+}
+
+/// As [`start_server`], pinging clients every `keepalive` (and dropping those that do not
+/// answer within it), as the relay and node exporters do.
+fn start_server_pinging(keepalive: Option<Duration>) -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     listener.set_nonblocking(true).expect("nonblocking");
     let addr = listener.local_addr().expect("local addr");
@@ -373,6 +379,8 @@ fn start_server() -> SocketAddr {
             let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
             tonic::transport::Server::builder()
+                .http2_keepalive_interval(keepalive)
+                .http2_keepalive_timeout(keepalive)
                 .add_service(ObserverServer::new(TestObserverServer { flows: fixture() }))
                 .serve_with_incoming(incoming)
                 .await
@@ -618,6 +626,41 @@ fn observe_follow_streams_live_flows() {
     assert!(lines.len() >= 3, "expected live flows, got {lines:?}");
     assert!(lines.iter().all(|l| l.contains("prod/live-")), "{lines:?}");
     assert!(lines[0].contains("prod/live-0:43210"), "{lines:?}");
+}
+
+/// A follower whose reader stops reading (a pager, a paused pipe) stays connected: while
+/// its output blocks, the client still answers the server's keepalive pings.
+#[test]
+fn a_follower_that_stops_reading_keeps_its_connection() {
+    let addr = start_server_pinging(Some(Duration::from_millis(300))).to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lumen"))
+        .args(["observe", "-f", "-o", "json", "--server", &addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn lumen");
+    // Nobody reads: the pipe fills within seconds and lumen's writes block.
+    std::thread::sleep(Duration::from_secs(6));
+    let still_running = child.try_wait().expect("try_wait").is_none();
+    // Read what is there, then a little more: the stream still moves.
+    let mut stdout = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stdout, &mut buf);
+        buf
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let running_after = child.try_wait().expect("try_wait").is_none();
+    child.kill().expect("kill lumen");
+    let out = child.wait_with_output().expect("collect output");
+    let text = String::from_utf8_lossy(&reader.join().expect("reader")).into_owned();
+    assert!(
+        still_running && running_after,
+        "the follower was dropped: {}",
+        stderr(&out)
+    );
+    let live = text.lines().filter(|l| l.contains("live-")).count();
+    assert!(live > 60, "only {live} live flows came through");
 }
 
 #[test]
