@@ -14,6 +14,7 @@ pub mod names {
     /// 1 for the node's current connection state, 0 for the others.
     pub const NODE_STATE: &str = "lumen_relay_node_state";
     pub const NODE_RECONNECTS: &str = "lumen_relay_node_reconnects";
+    pub const HEALTH_PROBES_LATE: &str = "lumen_relay_health_probes_late";
     pub const FLOWS_RECEIVED: &str = "lumen_relay_flows_received";
     pub const FLOWS_SENT: &str = "lumen_relay_flows_sent";
     pub const DISCARDED_EVENTS: &str = "lumen_relay_discarded_events";
@@ -67,6 +68,7 @@ pub struct Metrics {
     registry: Mutex<Registry>,
     pub node_state: Family<NodeStateLabels, Gauge>,
     pub node_reconnects: Family<NodeLabels, Counter>,
+    pub health_probes_late: Family<NodeLabels, Counter>,
     pub flows_received: Family<NodeLabels, Counter>,
     pub flows_sent: Family<ApiLabels, Counter>,
     pub discarded: Family<StageReasonLabels, Counter>,
@@ -84,6 +86,7 @@ impl Metrics {
             registry: Mutex::new(Registry::default()),
             node_state: Family::default(),
             node_reconnects: Family::default(),
+            health_probes_late: Family::default(),
             flows_received: Family::default(),
             flows_sent: Family::default(),
             discarded: Family::default(),
@@ -102,6 +105,11 @@ impl Metrics {
             names::NODE_RECONNECTS,
             "Times a node became connected again after being unavailable",
             m.node_reconnects.clone(),
+        );
+        registry.register(
+            names::HEALTH_PROBES_LATE,
+            "Health probes a connected node answered too late (probed again at once; a second late answer makes it unavailable)",
+            m.health_probes_late.clone(),
         );
         registry.register(
             names::FLOWS_RECEIVED,

@@ -420,11 +420,15 @@ pub fn describe_status(s: &tonic::Status) -> String {
 }
 
 /// Probes `node` (ServerStatus) every health interval while it answers; after a failure
-/// retries with exponential backoff and full jitter until it answers again.
+/// retries with exponential backoff and full jitter until it answers again. A connected
+/// node that answers one probe late is probed again at once before it is called
+/// unavailable: a node busy serving large queries is slow, not gone (a refused or broken
+/// connection counts at once; a hung node is also caught by the transport's keepalive).
 async fn health(node: Arc<Node>, settings: PoolSettings, metrics: Arc<Metrics>) {
     let mut stop = node.stop.subscribe();
     let mut rng = Jitter::default();
     let mut attempt: u32 = 0;
+    let mut late_answers: u32 = 0;
     let mut metrics_name = node.name();
     let mut client = ObserverClient::new(node.channel());
     loop {
@@ -441,6 +445,7 @@ async fn health(node: Arc<Node>, settings: PoolSettings, metrics: Arc<Metrics>) 
             Ok(Ok(resp)) => {
                 let resp = resp.into_inner();
                 attempt = 0;
+                late_answers = 0;
                 if !was_connected {
                     // Learn the node's own name and version once per connection.
                     let nodes = tokio::time::timeout(
@@ -506,8 +511,23 @@ async fn health(node: Arc<Node>, settings: PoolSettings, metrics: Arc<Metrics>) 
                     _ = stop.changed() => return,
                 }
             }
+            Err(_) if was_connected && late_answers == 0 => {
+                late_answers = 1;
+                metrics
+                    .health_probes_late
+                    .get_or_create(&crate::metrics::NodeLabels {
+                        node: metrics_name.clone(),
+                    })
+                    .inc();
+                debug!(node = %node.name(), "no answer to a health probe in time; probing again");
+            }
             Err(_) => {
-                let reason = format!("no answer within {:?}", settings.request_timeout);
+                let reason = if late_answers > 0 {
+                    format!("no answer within {:?}, twice", settings.request_timeout)
+                } else {
+                    format!("no answer within {:?}", settings.request_timeout)
+                };
+                late_answers = 0;
                 mark_unavailable(&node, &metrics, &metrics_name, reason, was_connected);
                 let delay = settings.backoff.delay(attempt, &mut rng);
                 attempt = attempt.saturating_add(1);

@@ -85,6 +85,9 @@ pub struct SyntheticNode {
     started_ns: i64,
     /// GetFlows streams being answered.
     active: Arc<AtomicUsize>,
+    /// The next this many ServerStatus answers come [`Self::slow_status`] late.
+    slow_answers: AtomicUsize,
+    slow_status_ms: std::sync::atomic::AtomicU64,
 }
 
 impl SyntheticNode {
@@ -97,7 +100,19 @@ impl SyntheticNode {
             tx: broadcast::channel(follow_queue.max(16)).0,
             started_ns: now_ns(),
             active: Arc::new(AtomicUsize::new(0)),
+            slow_answers: AtomicUsize::new(0),
+            slow_status_ms: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// The next `answers` ServerStatus answers are `delay` late, as from a node busy
+    /// serving large queries.
+    pub fn slow_status(&self, answers: usize, delay: Duration) {
+        self.slow_status_ms.store(
+            u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        self.slow_answers.store(answers, Ordering::Relaxed);
     }
 
     pub fn name(&self) -> &str {
@@ -544,6 +559,15 @@ impl Observer for SyntheticObserver {
         &self,
         _r: Request<ServerStatusRequest>,
     ) -> Result<Response<ServerStatusResponse>, Status> {
+        let slow = self
+            .0
+            .slow_answers
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if slow {
+            let ms = self.0.slow_status_ms.load(Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
         let n = self.0.len() as u64;
         Ok(Response::new(ServerStatusResponse {
             num_flows: n,

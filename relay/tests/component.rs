@@ -994,3 +994,59 @@ async fn a_stock_grpc_client_reads_the_relay_through_reflection() {
     assert_eq!(names, ["node-a", "node-b", "node-c"]);
     relay.shutdown().await;
 }
+
+/// A connected node that answers one health probe late (busy with large queries) is probed
+/// again at once and stays connected; two late answers in a row make it unavailable, with
+/// the reason, and it comes back when it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_late_health_answer_is_not_an_outage_two_are() {
+    use lumen_relay::pool::ConnState;
+    let node = TestNode::start("node-a", batched());
+    let relay = start_relay(relay_config(&[node.spec()])).await;
+    wait_connected(&relay, 1).await;
+    let state = || relay.pool.nodes()[0].status().state;
+    let labels = lumen_relay::metrics::NodeLabels {
+        node: "node-a".into(),
+    };
+    let late = || {
+        relay
+            .metrics
+            .health_probes_late
+            .get_or_create(&labels)
+            .get()
+    };
+    let reconnects = || relay.metrics.node_reconnects.get_or_create(&labels).get();
+
+    // One answer 2.5 s late (the test relay waits 2 s): probed again, still connected.
+    node.node.slow_status(1, Duration::from_millis(2500));
+    wait_for("a late answer", Duration::from_secs(5), || {
+        let n = late();
+        async move { n == 1 }
+    })
+    .await;
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < until {
+        assert_eq!(
+            state(),
+            ConnState::Connected,
+            "one late answer is no outage"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(reconnects(), 0);
+
+    // Two in a row: unavailable (briefly: the next probe answers), then connected again.
+    node.node.slow_status(2, Duration::from_millis(2500));
+    wait_for(
+        "a reconnect after two late answers",
+        Duration::from_secs(10),
+        || {
+            let n = reconnects();
+            async move { n == 1 }
+        },
+    )
+    .await;
+    assert_eq!(late(), 2);
+    wait_connected(&relay, 1).await;
+    relay.shutdown().await;
+}
