@@ -161,6 +161,7 @@ pub async fn start_with_resolver(
         request_timeout: config.request_timeout,
         history: std::sync::OnceLock::new(),
         sinks: std::sync::OnceLock::new(),
+        stopping: stop_rx.clone(),
     });
 
     let listener = tokio::net::TcpListener::bind(config.listen_address)

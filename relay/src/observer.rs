@@ -67,6 +67,9 @@ pub struct Relay {
     pub history: OnceLock<HistoryView>,
     /// The sinks' state for ServerStatus, once they run.
     pub sinks: OnceLock<SinkReport>,
+    /// Becomes true when the relay shuts down: streams still open end with UNAVAILABLE
+    /// saying so, rather than being cut when the process exits.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Relay {
@@ -91,13 +94,11 @@ impl Relay {
     pub fn flows(self: &Arc<Self>, request: GetFlowsRequest) -> Result<ResponseStream, Status> {
         if let Some(view) = self.history.get() {
             if let Some(s) = history_join::joined(self, view, &request)? {
-                return Ok(s);
+                return Ok(until_stopping(s, self.stopping.clone()));
             }
         }
-        Ok(self
-            .start_flows(request, Api::Observer)?
-            .into_responses()
-            .boxed())
+        let s = self.start_flows(request, Api::Observer)?.into_responses();
+        Ok(until_stopping(s, self.stopping.clone()))
     }
 
     /// The nodes' answer to `request` as responses; a refused request becomes the
@@ -286,6 +287,55 @@ fn add_lost(list: &mut Vec<LostEvent>, source: i32, n: u64) {
 pub struct RelayObserver(pub Arc<Relay>);
 
 type Unsupported<T> = futures::stream::Empty<Result<T, Status>>;
+
+/// `s` until the relay stops; then one UNAVAILABLE ("lumen-relay is shutting down") and
+/// the end, so clients learn why their stream ended.
+fn until_stopping<T: Send + 'static>(
+    s: impl futures::Stream<Item = Result<T, Status>> + Send + 'static,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) -> futures::stream::BoxStream<'static, Result<T, Status>> {
+    UntilStopping {
+        inner: s.boxed(),
+        stopped: Some(Box::pin(async move {
+            let _ = stopping.wait_for(|v| *v).await;
+        })),
+    }
+    .boxed()
+}
+
+/// See [`until_stopping`]. The stop future is registered once and re-polled per item (an
+/// atomic version check while the relay runs).
+struct UntilStopping<T> {
+    inner: futures::stream::BoxStream<'static, Result<T, Status>>,
+    /// None once the stop was reported.
+    stopped: Option<futures::future::BoxFuture<'static, ()>>,
+}
+
+impl<T> futures::Stream for UntilStopping<T> {
+    type Item = Result<T, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Self::Item>> {
+        let Some(stopped) = self.stopped.as_mut() else {
+            return Poll::Ready(None);
+        };
+        if stopped.as_mut().poll(cx).is_ready() {
+            self.stopped = None;
+            return Poll::Ready(Some(Err(Status::unavailable(
+                "lumen-relay is shutting down",
+            ))));
+        }
+        match self.inner.poll_next_unpin(cx) {
+            Poll::Ready(None) => {
+                self.stopped = None;
+                Poll::Ready(None)
+            }
+            other => other,
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl Observer for RelayObserver {

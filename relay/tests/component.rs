@@ -1050,3 +1050,45 @@ async fn one_late_health_answer_is_not_an_outage_two_are() {
     wait_connected(&relay, 1).await;
     relay.shutdown().await;
 }
+
+/// A relay shutting down ends following streams with UNAVAILABLE saying so, at once,
+/// rather than leaving them to be cut when the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_relay_tells_its_followers_why_their_stream_ends() {
+    let node = TestNode::start("node-a", batched());
+    let relay = start_relay(relay_config(&[node.spec()])).await;
+    wait_connected(&relay, 1).await;
+    let mut c = client(relay.address).await;
+    let mut s = c
+        .get_flows(GetFlowsRequest {
+            follow: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Once the relay follows the node.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    node.push_times([lumen_relay::wire::now_ns()]);
+    let mut got = Vec::new();
+    assert!(
+        read_until(&mut s, &mut got, Duration::from_secs(5), |r| count_flows(r)
+            >= 1)
+        .await
+    );
+    let stopping = tokio::spawn(relay.shutdown());
+    let end = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            match s.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends within a second of the stop");
+    let status = end.expect_err("ends with a status");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shutting down"), "{status:?}");
+    stopping.await.unwrap();
+}
