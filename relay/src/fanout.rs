@@ -1066,8 +1066,8 @@ async fn node_task(
                     break;
                 }
                 Err(e) => {
-                    let reason = describe_status(&e);
                     if !is_transient(&e) {
+                        let reason = describe_status(&e);
                         let _ = tx.send(state(WireNodeState::NodeError, reason)).await;
                         let _ = tx.send(NodeMsg::Done).await;
                         return;
@@ -1075,7 +1075,10 @@ async fn node_task(
                     node.report_failure();
                     told_unavailable = true;
                     if tx
-                        .send(state(WireNodeState::NodeUnavailable, reason))
+                        .send(state(
+                            WireNodeState::NodeUnavailable,
+                            lost_reason(&node, &e),
+                        ))
                         .await
                         .is_err()
                     {
@@ -1091,5 +1094,15 @@ async fn node_task(
         }
         // Let the health task re-check the node before resuming.
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Why a node's stream broke, for the client: the node's health verdict when it already
+/// has one (a hung node: "no answer within 5s"), which says more than the transport's
+/// account of the closed connection ("h2 protocol error: … broken pipe").
+fn lost_reason(node: &Node, e: &tonic::Status) -> String {
+    match node.status().state {
+        ConnState::Unavailable { reason } => reason,
+        _ => describe_status(e),
     }
 }
